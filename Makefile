@@ -1,0 +1,46 @@
+# raytag: `make demo` and `make test` work on a fresh clone; they create .venv when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch first, pinned: the CPU wheel on these machines. An unpinned torch (or one pulled in
+# by another package) resolves to a multi-GB CUDA build. pyproject allows 2.11+ (GPU boxes).
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.raytag-installed
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) trainer/main.py --config configs/demo.yaml run.new_run=true
+
+test: install
+	$(PY) -m pytest -ra
+
+test-fast: install
+	$(PY) -m pytest -ra -m "not slow and not integration and not distributed"
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy trainer launcher cluster
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: install
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf runs bench/out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,680 @@
+#!/usr/bin/env python3
+"""Quality and throughput of raytag against the Hugging Face Trainer recipe, side by side.
+
+For each seed, two runs on the same first N CoNLL-2003 training sentences, the same
+pretrained encoder folder, the same torch thread count, one epoch, the same learning rate,
+warmup ratio (0.1), weight decay (0.01) and linear decay, each in its own subprocess:
+
+  hf      the recipe of transformers' examples/pytorch/token-classification/run_ner.py
+          (first-sub-token labels, DataCollatorForTokenClassification, Trainer, seqeval
+          metrics as run_ner's compute_metrics), written out below in `hf_worker`;
+  raytag  `python trainer/main.py --config configs/xlmr-base-conll2003.yaml ...`, whose
+          token budget per micro-batch is derived from the data so that its sentences per
+          optimizer step match the HF batch size.
+
+Prints dev F1, real (non-pad) training tokens per second and training seconds per seed,
+their means, the raytag/HF ratios and the acceptance check
+"raytag mean F1 >= HF mean F1 - 0.01", and writes all of it to bench/out/quality-<stamp>.json.
+
+Needs ../shared (CoNLL data and tools/make_offline_encoder.py) and the `bench` extra
+(`pip install -e .[bench]`). Exit status: 0 PASS (or nothing to compare), 1 FAIL, 2 a run
+failed or the setup is missing.
+
+    python bench/quality.py                                  # 3 seeds x 3000 sentences
+    python bench/quality.py --only hf --train-samples 200 --eval-samples 200 --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+OUT = REPO / "bench" / "out"
+ENCODER = OUT / "encoder"  # gitignored (bench/out/)
+CONLL = SHARED / "data" / "conll2003"
+RAYTAG_CONFIG = "configs/xlmr-base-conll2003.yaml"
+
+WARMUP_RATIO = 0.1
+WEIGHT_DECAY = 0.01
+MAX_LENGTH = 512  # run_ner truncates at the tokenizer's model_max_length, 512 for XLM-R
+F1_TOLERANCE = 0.01
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_conll(path: Path, limit: int | None = None) -> list[tuple[list[str], list[str]]]:
+    """Sentences of a CoNLL file as (words, tags): word in the first column, tag in the last.
+
+    `-DOCSTART-` lines are skipped and blank lines end a sentence. Raises ValueError naming
+    the file and line for a line with fewer than two columns.
+    """
+    sentences: list[tuple[list[str], list[str]]] = []
+    words: list[str] = []
+    tags: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            cols = line.split()
+            if not cols or cols[0] == "-DOCSTART-":
+                if words:
+                    sentences.append((words, tags))
+                    words, tags = [], []
+                    if limit is not None and len(sentences) >= limit:
+                        return sentences
+                continue
+            if len(cols) < 2:
+                raise ValueError(f"{path}:{lineno}: expected 'word ... tag', got {line.rstrip()!r}")
+            words.append(cols[0])
+            tags.append(cols[-1])
+    if words:
+        sentences.append((words, tags))
+    return sentences[:limit] if limit is not None else sentences
+
+
+def token_lengths(sentences: list[tuple[list[str], list[str]]]) -> list[int]:
+    """Untruncated XLM-R token counts (special tokens included) of each sentence.
+
+    Uses the `tokenizers` library on the encoder's tokenizer.json: the same pipeline a
+    fast tokenizer runs for `is_split_into_words=True`, without importing torch here.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ENCODER / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    encodings = tok.encode_batch([words for words, _ in sentences], is_pretokenized=True)
+    return [len(e.ids) for e in encodings]
+
+
+# --------------------------------------------------------------------------- HF worker
+
+
+def hf_worker(spec: dict) -> dict:
+    """One run of run_ner.py's recipe (do_train + do_eval) in this process; returns its figures."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+
+    import numpy as np
+    import transformers
+    from datasets import Dataset
+    from seqeval.metrics import accuracy_score, classification_report
+    from transformers import (
+        AutoConfig,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+        DataCollatorForTokenClassification,
+        Trainer,
+        set_seed,
+    )
+
+    t_start = time.perf_counter()
+    # run_ner: "Set seed before initializing model."
+    set_seed(spec["seed"])
+
+    train_rows = read_conll(Path(spec["train_file"]), spec["train_samples"])
+    eval_rows = read_conll(Path(spec["validation_file"]), spec["eval_samples"])
+    raw_train = Dataset.from_dict(
+        {"tokens": [w for w, _ in train_rows], "ner_tags": [t for _, t in train_rows]}
+    )
+    raw_eval = Dataset.from_dict({"tokens": [w for w, _ in eval_rows], "ner_tags": [t for _, t in eval_rows]})
+
+    # run_ner with string labels: the sorted set of the training file's tags.
+    label_list = sorted({tag for tags in raw_train["ner_tags"] for tag in tags})
+    missing = sorted({tag for tags in raw_eval["ner_tags"] for tag in tags} - set(label_list))
+    if missing:
+        # run_ner would raise KeyError here; a small --train-samples slice can lack a rare tag.
+        print(f"note: validation tags absent from the training slice, appended to the labels: {missing}")
+        label_list += missing
+    label_to_id = {label: i for i, label in enumerate(label_list)}
+    num_labels = len(label_list)
+
+    model_path = spec["model"]
+    config = AutoConfig.from_pretrained(model_path, num_labels=num_labels, finetuning_task="ner")
+    # run_ner passes add_prefix_space=True only for bloom/gpt2/roberta/deberta; this encoder is "bert".
+    tokenizer_kwargs = (
+        {"add_prefix_space": True} if config.model_type in {"bloom", "gpt2", "roberta", "deberta"} else {}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=True, **tokenizer_kwargs)
+    model = AutoModelForTokenClassification.from_pretrained(model_path, config=config)
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("run_ner's recipe needs a fast tokenizer (word_ids)")
+    # run_ner reorders label_list only when the checkpoint already has matching labels; a bare
+    # encoder has none, so it sets the mapping from the data.
+    model.config.label2id = {label: i for i, label in enumerate(label_list)}
+    model.config.id2label = dict(enumerate(label_list))
+
+    def tokenize_and_align_labels(examples):
+        tokenized_inputs = tokenizer(
+            examples["tokens"],
+            padding=False,
+            truncation=True,
+            max_length=MAX_LENGTH,
+            is_split_into_words=True,
+        )
+        labels = []
+        for i, label in enumerate(examples["ner_tags"]):
+            word_ids = tokenized_inputs.word_ids(batch_index=i)
+            previous_word_idx = None
+            label_ids = []
+            for word_idx in word_ids:
+                if word_idx is None:  # special tokens
+                    label_ids.append(-100)
+                elif word_idx != previous_word_idx:  # first sub-token of a word
+                    label_ids.append(label_to_id[label[word_idx]])
+                else:  # label_all_tokens=False
+                    label_ids.append(-100)
+                previous_word_idx = word_idx
+            labels.append(label_ids)
+        tokenized_inputs["labels"] = labels
+        return tokenized_inputs
+
+    train_dataset = raw_train.map(tokenize_and_align_labels, batched=True, desc="tokenize train")
+    eval_dataset = raw_eval.map(tokenize_and_align_labels, batched=True, desc="tokenize validation")
+
+    def truncation_report(raw, mapped) -> dict:
+        full = tokenizer(list(raw["tokens"]), truncation=False, is_split_into_words=True)["input_ids"]
+        n_words = sum(len(t) for t in raw["tokens"])
+        n_labelled = sum(sum(1 for x in labels if x != -100) for labels in mapped["labels"])
+        return {
+            "sentences": len(raw),
+            "words": n_words,
+            "truncated_sentences": sum(1 for ids in full if len(ids) > MAX_LENGTH),
+            "longest_tokens": max((len(ids) for ids in full), default=0),
+            # words that carry no label (truncated away, or tokenised to nothing): run_ner's
+            # metric drops them from gold and prediction alike.
+            "unlabelled_words": n_words - n_labelled,
+        }
+
+    truncation = {
+        "train": truncation_report(raw_train, train_dataset),
+        "validation": truncation_report(raw_eval, eval_dataset),
+    }
+    train_real_tokens = sum(len(ids) for ids in train_dataset["input_ids"])
+
+    data_collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=None)
+
+    def compute_metrics(p):
+        predictions, labels = p
+        predictions = np.argmax(predictions, axis=2)
+        true_predictions = [
+            [label_list[p] for (p, lab) in zip(prediction, label, strict=True) if lab != -100]
+            for prediction, label in zip(predictions, labels, strict=True)
+        ]
+        true_labels = [
+            [label_list[lab] for (p, lab) in zip(prediction, label, strict=True) if lab != -100]
+            for prediction, label in zip(predictions, labels, strict=True)
+        ]
+        # evaluate's "seqeval" metric: classification_report in default mode, micro average.
+        report = classification_report(
+            true_labels, true_predictions, output_dict=True, mode=None, scheme=None, zero_division="warn"
+        )
+        overall = report["micro avg"]
+        return {
+            "precision": float(overall["precision"]),
+            "recall": float(overall["recall"]),
+            "f1": float(overall["f1-score"]),
+            "accuracy": float(accuracy_score(true_labels, true_predictions)),
+        }
+
+    use_gpu = torch.cuda.is_available()
+    args = training_arguments(
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["hf_batch"],
+        learning_rate=spec["lr"],
+        num_train_epochs=1,
+        warmup_ratio=WARMUP_RATIO,
+        weight_decay=WEIGHT_DECAY,
+        lr_scheduler_type="linear",
+        seed=spec["seed"],
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=50,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # logs go to a file; the loss lines still print
+        use_cpu=not use_gpu,
+    )
+    trainer_kwargs = {
+        "model": model,
+        "args": args,
+        "train_dataset": train_dataset,
+        "eval_dataset": eval_dataset,
+        "data_collator": data_collator,
+        "compute_metrics": compute_metrics,
+    }
+    # transformers 5 takes the tokenizer as `processing_class`; 4.x before 4.46 as `tokenizer`.
+    trainer_params = inspect.signature(Trainer.__init__).parameters
+    trainer_kwargs["processing_class" if "processing_class" in trainer_params else "tokenizer"] = tokenizer
+    trainer = Trainer(**trainer_kwargs)
+
+    t0 = time.perf_counter()
+    train_result = trainer.train()
+    train_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    metrics = trainer.evaluate()
+    eval_seconds = time.perf_counter() - t1
+
+    steps = int(train_result.global_step)
+    return {
+        "validation": {k: metrics.get(f"eval_{k}") for k in ("f1", "precision", "recall", "accuracy")},
+        "train_runtime_seconds": train_seconds,
+        "train_tokens_per_second": train_real_tokens / train_seconds,
+        "train_real_tokens": train_real_tokens,
+        "train_sentences": len(train_dataset),
+        "train_steps": steps,
+        "train_sentences_per_step": len(train_dataset) / steps if steps else None,
+        "train_loss": float(train_result.training_loss),
+        "trainer_train_runtime": train_result.metrics.get("train_runtime"),
+        "eval_seconds": eval_seconds,
+        "worker_seconds": time.perf_counter() - t_start,
+        "labels": label_list,
+        "truncation": truncation,
+        "device": "cuda" if use_gpu else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "model_dtype": str(next(model.parameters()).dtype),
+        "optimizer": str(args.optim),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def training_arguments(**kwargs):
+    """TrainingArguments across transformers 4.x and 5.x.
+
+    5.x dropped `warmup_ratio` (a float `warmup_steps` below 1 is the ratio) and `no_cuda`;
+    4.x before 4.41 spells `eval_strategy` as `evaluation_strategy`.
+    """
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "warmup_ratio" not in fields:
+        kwargs["warmup_steps"] = kwargs.pop("warmup_ratio")
+    if "eval_strategy" not in fields:
+        kwargs["evaluation_strategy"] = kwargs.pop("eval_strategy")
+    if "use_cpu" not in fields:
+        kwargs["no_cuda"] = kwargs.pop("use_cpu")
+    return TrainingArguments(**kwargs)
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def parse_samples(value: str) -> int | None:
+    if value.lower() in {"0", "all"}:
+        return None
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a positive count, 0 or 'all', got {value!r}")
+    return n
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def ensure_encoder() -> None:
+    """Build the pretrained offline encoder into bench/out/encoder once (about a minute)."""
+    if (ENCODER / "config.json").is_file() and (ENCODER / "model.safetensors").is_file():
+        return
+    tool = SHARED / "tools" / "make_offline_encoder.py"
+    tmp = OUT / "encoder.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    print(
+        f"building the offline encoder into {ENCODER.relative_to(REPO)} (once, about a minute) ...",
+        flush=True,
+    )
+    proc = subprocess.run([sys.executable, str(tool), str(tmp)], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        print(
+            f"quality.py: {tool} failed (exit {proc.returncode}); it needs the bench extra: pip install -e '.[bench]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    shutil.rmtree(ENCODER, ignore_errors=True)
+    tmp.rename(ENCODER)  # only a complete folder ever sits at ENCODER
+
+
+def run_logged(cmd: list[str], log: Path, threads: int) -> tuple[int, float]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(
+            cmd, cwd=REPO, env=child_env(threads), stdout=f, stderr=subprocess.STDOUT
+        ).returncode
+    return rc, time.perf_counter() - t0
+
+
+def tail(path: Path, n: int = 15) -> str:
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join("    | " + line for line in lines[-n:])
+
+
+def run_hf(args, seed: int, stamp: str) -> dict:
+    name = f"quality-s{seed}-{stamp}"
+    spec = {
+        "seed": seed,
+        "threads": args.threads,
+        "model": str(ENCODER),
+        "train_file": str(CONLL / "train.txt"),
+        "validation_file": str(CONLL / "validation.txt"),
+        "train_samples": args.train_samples,
+        "eval_samples": args.eval_samples,
+        "lr": args.lr,
+        "hf_batch": args.hf_batch,
+        "output_dir": str(OUT / "hf" / name),
+    }
+    work = OUT / "hf" / name
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps(spec, indent=2))
+    log = OUT / "logs" / f"{name}-hf.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", str(work / "spec.json")]
+    rc, wall = run_logged(cmd, log, args.threads)
+    result_file = work / "result.json"
+    if rc != 0 or not result_file.is_file():
+        return {"error": f"exit {rc}", "log": str(log.relative_to(REPO)), "wall_seconds": wall}
+    result = json.loads(result_file.read_text())
+    result.update(log=str(log.relative_to(REPO)), wall_seconds=wall)
+    return result
+
+
+def run_raytag(args, seed: int, stamp: str, batch_tokens: int) -> dict:
+    name = f"quality-s{seed}-{stamp}"
+    storage = "bench/out/runs"
+    cmd = [
+        sys.executable,
+        "trainer/main.py",
+        "--config",
+        RAYTAG_CONFIG,
+        f"data.train={CONLL / 'train.txt'}",
+        f"data.validation={CONLL / 'validation.txt'}",
+        "data.test=null",
+    ]
+    if args.train_samples is not None:
+        cmd.append(f"data.max_train_samples={args.train_samples}")
+    if args.eval_samples is not None:
+        cmd.append(f"data.max_eval_samples={args.eval_samples}")
+    cmd += [
+        f"model.name_or_path={ENCODER.relative_to(REPO)}",
+        "train.epochs=1",
+        f"train.learning_rate={args.lr}",
+        f"train.seed={seed}",
+        f"train.warmup_ratio={WARMUP_RATIO}",
+        f"train.weight_decay={WEIGHT_DECAY}",
+        f"train.batch_tokens={batch_tokens}",
+        f"run.storage={storage}",
+        f"run.name={name}",
+    ]
+    log = OUT / "logs" / f"{name}-raytag.log"
+    rc, wall = run_logged(cmd, log, args.threads)
+    results_file = REPO / storage / name / "results.json"
+    if rc != 0 or not results_file.is_file():
+        return {"error": f"exit {rc}", "log": str(log.relative_to(REPO)), "wall_seconds": wall}
+    raw = json.loads(results_file.read_text())
+    val = raw.get("validation") or {}
+    return {
+        "validation": {k: val.get(k) for k in ("f1", "precision", "recall", "accuracy")},
+        "train_runtime_seconds": raw.get("train_runtime_seconds"),
+        "train_tokens_per_second": raw.get("train_tokens_per_second"),
+        "train_sentences_per_step": raw.get("train_sentences_per_step"),
+        "results_json": str(results_file.relative_to(REPO)),
+        "log": str(log.relative_to(REPO)),
+        "wall_seconds": wall,
+    }
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, int | float) else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument(
+        "--train-samples", type=parse_samples, default=3000, help="first N sentences; 0 or 'all': all"
+    )
+    ap.add_argument("--eval-samples", type=parse_samples, default=None, help="cap on validation sentences")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--hf-batch", type=int, default=16, help="HF per_device_train_batch_size")
+    ap.add_argument(
+        "--batch-tokens", type=int, default=None, help="raytag train.batch_tokens (default: derived)"
+    )
+    ap.add_argument("--only", choices=["hf", "raytag", "both"], default="both")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads on both sides (default: all cores)"
+    )
+    ap.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.hf_worker is not None:
+        spec = json.loads(args.hf_worker.read_text())
+        result = hf_worker(spec)
+        (args.hf_worker.parent / "result.json").write_text(json.dumps(result, indent=2))
+        return 0
+
+    if not SHARED.is_dir():
+        print(
+            f"quality.py: {SHARED} is absent: this benchmark needs ../shared (CoNLL data, encoder tool)",
+            file=sys.stderr,
+        )
+        return 2
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.threads is None:
+        args.threads = cpus
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    ensure_encoder()
+
+    # raytag's token budget: hf_batch sentences of mean real length. Its batches group similar
+    # lengths, so padded tokens are close to real ones and sentences per step land near hf_batch.
+    train_sents = read_conll(CONLL / "train.txt", args.train_samples)
+    eval_sents = read_conll(CONLL / "validation.txt", args.eval_samples)
+    lengths = token_lengths(train_sents)
+    eval_lengths = token_lengths(eval_sents)
+    mean_len = statistics.fmean(lengths)
+    batch_tokens = args.batch_tokens or round(args.hf_batch * mean_len)
+
+    versions = {}
+    for pkg in ("torch", "transformers", "tokenizers", "accelerate", "deepspeed", "seqeval", "datasets"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    env = {
+        "python": platform.python_version(),
+        "cpus": cpus,
+        "os_cpu_count": os.cpu_count(),
+        "torch_threads": args.threads,
+        "versions": versions,
+    }
+    data = {
+        "train_file": str(CONLL / "train.txt"),
+        "validation_file": str(CONLL / "validation.txt"),
+        "train_sentences": len(train_sents),
+        "validation_sentences": len(eval_sents),
+        "train_real_tokens": sum(lengths),
+        "train_mean_tokens": mean_len,
+        "train_max_tokens": max(lengths),
+        "train_over_max_length": sum(1 for n in lengths if n > MAX_LENGTH),
+        "validation_over_max_length": sum(1 for n in eval_lengths if n > MAX_LENGTH),
+    }
+    print(
+        f"torch {versions['torch']}, transformers {versions['transformers']}, deepspeed {versions['deepspeed']}, "
+        f"python {env['python']}; {cpus} CPUs, {args.threads} torch threads on both sides"
+    )
+    print(
+        f"data: {len(train_sents)} train sentences ({sum(lengths)} real tokens, mean {mean_len:.1f}, "
+        f"max {max(lengths)}), {len(eval_sents)} validation; model {ENCODER.relative_to(REPO)}"
+    )
+    print(
+        f"recipe: 1 epoch, lr {args.lr:g}, warmup ratio {WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, linear decay; "
+        f"HF batch {args.hf_batch} sentences; raytag batch_tokens {batch_tokens}"
+        + (" (--batch-tokens)" if args.batch_tokens else f" (= round({args.hf_batch} x {mean_len:.2f}))")
+    )
+    if data["train_over_max_length"] or data["validation_over_max_length"]:
+        print(
+            f"WARNING: sentences over {MAX_LENGTH} tokens, truncated by the HF recipe: "
+            f"train {data['train_over_max_length']}, validation {data['validation_over_max_length']}"
+        )
+    else:
+        print(f"truncation: no sentence exceeds {MAX_LENGTH} tokens (train or validation)")
+
+    runs: list[dict] = []
+    for seed in args.seeds:
+        row: dict = {"seed": seed}
+        for side in ("hf", "raytag"):
+            if args.only not in (side, "both"):
+                continue
+            print(f"[seed {seed}] {side}: running ...", flush=True)
+            res = run_hf(args, seed, stamp) if side == "hf" else run_raytag(args, seed, stamp, batch_tokens)
+            row[side] = res
+            if "error" in res:
+                print(
+                    f"[seed {seed}] {side}: FAILED ({res['error']}), log {res['log']}:\n{tail(REPO / res['log'])}"
+                )
+            else:
+                extra = ""
+                if side == "hf":
+                    tr = res["truncation"]
+                    extra = (
+                        f", {res['train_steps']} steps, truncated sentences train "
+                        f"{tr['train']['truncated_sentences']} / validation {tr['validation']['truncated_sentences']}"
+                    )
+                    if res["train_real_tokens"] != data["train_real_tokens"]:
+                        extra += f" (real tokens {res['train_real_tokens']} != {data['train_real_tokens']} computed here)"
+                print(
+                    f"[seed {seed}] {side}: dev F1 {fmt(res['validation']['f1'], '.4f')}, "
+                    f"train {fmt(res['train_runtime_seconds'], '.1f')} s, "
+                    f"{fmt(res['train_tokens_per_second'], '.0f')} tokens/s, "
+                    f"{fmt(res.get('train_sentences_per_step'), '.2f')} sentences/step, "
+                    f"process {res['wall_seconds']:.1f} s{extra}",
+                    flush=True,
+                )
+        runs.append(row)
+
+    def col(side: str, key: str) -> list:
+        out = []
+        for r in runs:
+            res = r.get(side) or {}
+            out.append((res.get("validation") or {}).get("f1") if key == "f1" else res.get(key))
+        return out
+
+    summary: dict = {}
+    for side in ("hf", "raytag"):
+        for key in ("f1", "train_tokens_per_second", "train_runtime_seconds", "train_sentences_per_step"):
+            m, s = mean_std(col(side, key))
+            summary[f"{side}_{key}_mean"], summary[f"{side}_{key}_std"] = m, s
+
+    def ratio(key: str) -> float | None:
+        a, b = summary[f"raytag_{key}_mean"], summary[f"hf_{key}_mean"]
+        return a / b if a is not None and b else None
+
+    summary["ratio_tokens_per_second"] = ratio("train_tokens_per_second")
+    summary["ratio_train_seconds"] = ratio("train_runtime_seconds")
+    hf_f1, rt_f1 = summary["hf_f1_mean"], summary["raytag_f1_mean"]
+    if hf_f1 is None or rt_f1 is None:
+        summary["acceptance"] = "n/a"
+    else:
+        summary["acceptance"] = "PASS" if rt_f1 >= hf_f1 - F1_TOLERANCE else "FAIL"
+
+    header = f"{'seed':>6} {'HF F1':>8} {'raytag F1':>10} {'HF tok/s':>10} {'raytag tok/s':>13} {'HF train s':>11} {'raytag train s':>15}"
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        hf, rt = r.get("hf") or {}, r.get("raytag") or {}
+        print(
+            f"{r['seed']:>6} {fmt((hf.get('validation') or {}).get('f1'), '.4f'):>8} "
+            f"{fmt((rt.get('validation') or {}).get('f1'), '.4f'):>10} "
+            f"{fmt(hf.get('train_tokens_per_second'), '.0f'):>10} {fmt(rt.get('train_tokens_per_second'), '.0f'):>13} "
+            f"{fmt(hf.get('train_runtime_seconds'), '.1f'):>11} {fmt(rt.get('train_runtime_seconds'), '.1f'):>15}"
+        )
+    print("-" * len(header))
+    for label, agg in (("mean", "mean"), ("std", "std")):
+        s = summary
+        print(
+            f"{label:>6} {fmt(s[f'hf_f1_{agg}'], '.4f'):>8} {fmt(s[f'raytag_f1_{agg}'], '.4f'):>10} "
+            f"{fmt(s[f'hf_train_tokens_per_second_{agg}'], '.0f'):>10} "
+            f"{fmt(s[f'raytag_train_tokens_per_second_{agg}'], '.0f'):>13} "
+            f"{fmt(s[f'hf_train_runtime_seconds_{agg}'], '.1f'):>11} "
+            f"{fmt(s[f'raytag_train_runtime_seconds_{agg}'], '.1f'):>15}"
+        )
+    print()
+    print(
+        f"sentences per optimizer step: HF {args.hf_batch} (mean {fmt(summary['hf_train_sentences_per_step_mean'], '.2f')}"
+        f" incl. the last partial batch), raytag {fmt(summary['raytag_train_sentences_per_step_mean'], '.2f')}"
+        f" at batch_tokens {batch_tokens}"
+    )
+    print(
+        f"raytag/HF: tokens/s x{fmt(summary['ratio_tokens_per_second'], '.2f')}, "
+        f"train seconds x{fmt(summary['ratio_train_seconds'], '.2f')}"
+    )
+    print(
+        f"acceptance: raytag mean F1 >= HF mean F1 - {F1_TOLERANCE}: {summary['acceptance']}"
+        + (f" ({rt_f1:.4f} vs {hf_f1:.4f})" if summary["acceptance"] != "n/a" else "")
+    )
+
+    report = {
+        "stamp": stamp,
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "hf_worker"
+        },
+        "recipe": {
+            "epochs": 1,
+            "learning_rate": args.lr,
+            "warmup_ratio": WARMUP_RATIO,
+            "weight_decay": WEIGHT_DECAY,
+            "scheduler": "linear",
+            "hf_batch": args.hf_batch,
+            "raytag_batch_tokens": batch_tokens,
+            "max_length": MAX_LENGTH,
+        },
+        "environment": env,
+        "model": str(ENCODER.relative_to(REPO)),
+        "data": data,
+        "runs": runs,
+        "summary": summary,
+    }
+    out_file = OUT / f"quality-{stamp}.json"
+    out_file.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out_file.relative_to(REPO)}")
+
+    if any("error" in (r.get(side) or {}) for r in runs for side in ("hf", "raytag")):
+        return 2
+    return 1 if summary["acceptance"] == "FAIL" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

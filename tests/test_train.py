@@ -1,0 +1,204 @@
+"""End-to-end training on the shipped demo data with the tiny XLM-R, through DeepSpeed on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from raytag.trainer.config import load_config, to_dict
+from raytag.trainer.loop import train_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def run(tmp: Path, name: str, *overrides: str) -> dict:
+    cfg = load_config(DEMO, [f"run.storage={tmp}", f"run.name={name}", *overrides])
+    return train_loop(to_dict(cfg))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_two_zero2_steps_lower_the_loss(tmp_path):
+    # 16 sentences in one batch: both steps see the same data, so the loss must fall.
+    run(
+        tmp_path,
+        "two",
+        "data.max_train_samples=16",
+        "data.max_eval_samples=16",
+        "train.batch_tokens=100000",
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.zero_stage=2",
+        "train.warmup_ratio=0",
+        "train.learning_rate=1e-2",
+        "model.dropout=0.0",
+    )
+    got = losses(tmp_path / "two")
+    assert set(got) == {1, 2}
+    assert got[2] < got[1] - 0.05, got
+
+
+def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch):
+    common = [
+        "data.max_train_samples=96",
+        "data.max_eval_samples=16",
+        "data.test=null",
+        "train.batch_tokens=384",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.log_every=1",
+    ]
+    run(tmp_path, "straight", *common)
+    straight = losses(tmp_path / "straight")
+    assert sorted(straight) == [1, 2, 3, 4]
+
+    # The same run, killed during step 3 (after the step-2 checkpoint) ...
+    import raytag.trainer.loop as loop
+
+    real_collate, calls = loop.collate, {"n": 0}
+
+    def dying_collate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("worker lost")
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "collate", dying_collate)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "resumed", *common)
+    monkeypatch.setattr(loop, "collate", real_collate)
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-00000002"]
+
+    # ... and run again with the same command: it continues from step 2, not from scratch.
+    res = run(tmp_path, "resumed", *common)
+    assert res["resumed_from"] == "step-00000002"
+    resumed = losses(tmp_path / "resumed")
+    assert sorted(resumed) == [1, 2, 3, 4]  # steps 1-2 kept from the first attempt, 3-4 trained now
+    torch.testing.assert_close(
+        torch.tensor([resumed[s] for s in (1, 2, 3, 4)]),
+        torch.tensor([straight[s] for s in (1, 2, 3, 4)]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    res = run(tmp, "demo")
+    return tmp / "demo", res
+
+
+def test_demo_learns_and_writes_every_output(demo_run):
+    run_dir, res = demo_run
+    for rel in [
+        "metrics.jsonl",
+        "results.json",
+        "config.yaml",
+        "labels.json",
+        "predictions/validation.txt",
+        "predictions/test.txt",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/README.md",
+        "model/tokenizer.json",
+        "model/raytag.json",
+    ]:
+        assert (run_dir / rel).exists(), rel
+    results = json.loads((run_dir / "results.json").read_text())
+    for split in ("validation", "test"):
+        for key in ("f1", "precision", "recall", "accuracy", "per_type"):
+            assert key in results[split]
+    assert results["validation"]["f1"] > 0.4, results["validation"]["f1"]
+    assert results["train_tokens_per_second"] > 0 and results["train_runtime_seconds"] > 0
+    assert results["provenance"]["data"]["train"]["sha256"]
+    assert set(results["validation"]["per_type"]) == {"LOC", "MISC", "ORG", "PER"}
+    # predictions/<split>.txt: every evaluated word, `word gold pred`.
+    lines = [ln for ln in (run_dir / "predictions" / "test.txt").read_text().splitlines() if ln.strip()]
+    n_words = sum(
+        1
+        for ln in (ROOT / "trainer/assets/demo/test.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("-DOCSTART-")
+    )
+    assert len(lines) == n_words
+    assert all(len(ln.split(" ")) == 3 for ln in lines)
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("type") == "eval" for r in evals) and any(r.get("type") == "train" for r in evals)
+    # Checkpoints: complete ones only, each with its manifest.
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert ckpts and all((c / "MANIFEST.json").exists() for c in ckpts)
+
+
+def test_model_card_is_filled_in(demo_run):
+    run_dir, _ = demo_run
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "More information needed" not in card
+    for section in (
+        "## Model description",
+        "## Intended uses & limitations",
+        "## Training and evaluation data",
+        "### Training hyperparameters",
+        "### Training results",
+        "### Framework versions",
+    ):
+        assert section in card
+        body = card.split(section, 1)[1].split("\n#", 1)[0]
+        assert len(body.strip()) > 20, section
+    assert "| 1.00 |" in card  # per-epoch results table has the first epoch
+    assert "test entity F1" in card
+
+
+def test_exported_model_tags_through_pipeline(demo_run):
+    from transformers import pipeline
+
+    run_dir, _ = demo_run
+    tagger = pipeline("token-classification", model=str(run_dir / "model"), aggregation_strategy="simple")
+    text = "Maria Schmidt , a spokeswoman for Siemens , said in Berlin on Monday ."
+    ents = tagger(text)
+    assert ents, "the trained demo model should find entities"
+    assert {e["entity_group"] for e in ents} <= {"PER", "LOC", "ORG", "MISC"}
+    assert all(text[e["start"] : e["end"]] == e["word"].strip() for e in ents)
+
+
+def test_predict_cli_tags_conll_and_text(demo_run, tmp_path):
+    run_dir, _ = demo_run
+    long_sentence = " ".join(["Paris"] + ["and", "Berlin"] * 150)  # 301 words: many windows of 64 tokens
+    (tmp_path / "in.txt").write_text("Maria Schmidt visited Zürich .\n" + long_sentence + "\n")
+    out = tmp_path / "out.txt"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "trainer" / "main.py"),
+            "predict",
+            "--model",
+            str(run_dir / "model"),
+            "--input",
+            str(tmp_path / "in.txt"),
+            "--format",
+            "text",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    blocks = out.read_text().strip().split("\n\n")
+    assert [len(b.splitlines()) for b in blocks] == [5, 301]
+    assert blocks[1].splitlines()[0].split()[0] == "Paris"

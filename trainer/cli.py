@@ -1,0 +1,140 @@
+"""Command line: `python trainer/main.py --config FILE [key=value ...]` and `... predict ...`.
+
+User errors (a bad key, file, value, storage endpoint) end with one line on stderr and exit
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, describe_keys, load_config, to_dict
+
+log = logging.getLogger("raytag")
+
+DEMO_CONFIG = "builtin:demo.yaml"
+
+USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
+       python trainer/main.py predict --model DIR --input FILE [--format conll|text] [--output FILE]"""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from raytag.cluster.checkpoints import CheckpointUploadError
+    from raytag.cluster.storage import StorageError
+
+    from .conll import ConllError
+
+    return (ConfigError, ConllError, StorageError, CheckpointUploadError, FileNotFoundError, OSError)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s raytag %(levelname)s %(message)s", stream=sys.stderr
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer/main.py",
+        usage=USAGE,
+        description="Fine-tune a Hugging Face encoder (XLM-R by default) for NER on CoNLL files, "
+        "in-process or on a Ray cluster, with DeepSpeed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the YAML file or as dotted.key=value):\n" + describe_keys(),
+    )
+    p.add_argument("--config", help="YAML config file (default: the built-in demo config)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer/main.py predict", description="Tag text with an exported model."
+    )
+    p.add_argument("--model", required=True, help="an exported model folder (<run>/model)")
+    p.add_argument(
+        "--input", required=True, help="CoNLL file (1 column, or gold tags last) or text ('-': stdin)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["conll", "text"],
+        default="conll",
+        help="conll: one word per line, blank line between sentences; text: one sentence per line, "
+        "words split on whitespace",
+    )
+    p.add_argument(
+        "--output", default="-", help="where to write `word [gold] predicted` columns (default stdout)"
+    )
+    return p
+
+
+def resolve_config_path(path: str | None) -> Path:
+    if path is None or path == DEMO_CONFIG:
+        import importlib.resources
+
+        return Path(str(importlib.resources.files("raytag.trainer") / "assets" / "demo.yaml"))
+    return Path(path)
+
+
+def run(cfg: Config) -> dict | None:
+    """Local single-node mode in-process, or a Ray Train run when more workers or a cluster are asked for."""
+    if cfg.scaling.num_workers == 1 and not _ray_cluster_reachable():
+        from .loop import train_loop
+
+        return train_loop(to_dict(cfg))
+    from raytag.launcher.ray_launcher import launch
+
+    return launch(cfg)
+
+
+def _ray_cluster_reachable() -> bool:
+    """Inside `ray job submit` (or with RAY_ADDRESS set) the run goes through Ray Train."""
+    return bool(os.environ.get("RAY_ADDRESS")) or bool(os.environ.get("RAY_JOB_ID"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    errors = _user_errors()
+    try:
+        if argv and argv[0] == "predict":
+            args = predict_parser().parse_args(argv[1:])
+            from .predict import predict
+
+            scores = predict(args.model, args.input, args.output, args.format)
+            if scores:
+                log.info(
+                    "entity F1 %.4f precision %.4f recall %.4f (against the input's tags)",
+                    scores["f1"],
+                    scores["precision"],
+                    scores["recall"],
+                )
+            return 0
+        args = build_parser().parse_args(argv)
+        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        if args.print_config:
+            from .config import dump_yaml
+
+            sys.stdout.write(dump_yaml(cfg))
+            return 0
+        run(cfg)
+        return 0
+    except errors as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from raytag.cluster.storage import redact
+
+        print(f"raytag: error: {redact(msg)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raytag: interrupted", file=sys.stderr)
+        return 130

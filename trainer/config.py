@@ -1,0 +1,336 @@
+"""Typed run configuration: one frozen dataclass tree, loaded from YAML plus dotted overrides.
+
+    python trainer/main.py --config configs/demo.yaml train.learning_rate=3e-5 run.name=try2
+
+Unknown keys are an error that names the key and the closest valid one; values are checked
+against the field's type. Functions below the entry point receive plain values built from
+this tree, never the tree itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: the message names the file, key or value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str | None = None
+    """CoNLL file to train on (local path; `builtin:demo/train.txt` names a shipped sample)."""
+    validation: str | None = None
+    test: str | None = None
+    eval_sets: dict[str, str] = field(default_factory=dict)
+    """Extra named evaluation sets: name -> CoNLL file, evaluated with validation."""
+    max_train_samples: int | None = None
+    """Use the first N training sentences."""
+    max_eval_samples: int | None = None
+    """Use the first N sentences of each evaluation file."""
+    tag_scheme: Literal["auto", "iob1", "iob2"] = "auto"
+    """How input tags are written; `auto` decides per file (see trainer/conll.py). Stored as IOB2."""
+    strict: bool = False
+    """Make a stray I- that starts an entity in IOB2 input an error instead of repairing it to B-."""
+    labels: list[str] | None = None
+    """The label set; by default taken from the training data."""
+    hf_dataset: str | None = None
+    """Load splits with `datasets.load_dataset(NAME)` (e.g. conll2003) instead of files. Needs the hub."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "xlm-roberta-base"
+    """A local folder or a hub name; `builtin:tiny-xlmr` builds the demo's tiny XLM-R."""
+    max_length: int | None = None
+    """Window length in tokens (specials included); default: the model's own limit (512 for XLM-R)."""
+    stride: int = 64
+    """Tokens of context that consecutive windows of a long sentence share."""
+    dropout: float | None = None
+    """Override the model's hidden dropout probability."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 3
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (caps the run; the schedule then spans max_steps)."""
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    batch_tokens: int = 4096
+    """Token budget of one micro-batch per worker, counted with padding (sentences x longest)."""
+    max_batch_sentences: int = 256
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    zero_stage: int = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed JSON merged over the generated config (any DeepSpeed key)."""
+    seed: int = 42
+    log_every: int = 10
+    """Log training metrics every N optimizer steps."""
+    save_every: int | None = None
+    """Also checkpoint every N optimizer steps (checkpoints are always written after each evaluation)."""
+    eval_every: int | None = None
+    """Also evaluate every N optimizer steps (evaluation always runs after each epoch)."""
+    eval_batch_tokens: int = 16384
+    threads: int | None = None
+    """torch intra-op threads on CPU; default: torch's choice."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "raytag-run"
+    storage: str = "runs"
+    """Local folder or s3://bucket/prefix; outputs go to <storage>/<name>/."""
+    keep_best: int = 1
+    """Checkpoints kept besides the latest: the best k by validation F1."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint of the same run name, if any."""
+    new_run: bool = False
+    """Start over even if the run already has checkpoints or finished (old checkpoints are removed)."""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    create_bucket: bool = False
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = 3
+    """Ray restarts the worker group this many times after a lost worker or node."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load YAML (or defaults when `path` is None) and apply `key=value` overrides.
+
+    Raises ConfigError naming the file, key or value on any problem.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config file: {e}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        tree = loaded
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return from_dict(tree, source=source)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated Config from a nested dict (as read from YAML)."""
+    return typing.cast(Config, _build(Config, tree, prefix="", source=source))
+
+
+def _build(cls: type, values: Any, prefix: str, source: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            full = f"{prefix}{key}"
+            candidates = [f"{prefix}{n}" for n in fields]
+            if not prefix:
+                candidates += [f"{s}.{f.name}" for s in fields for f in dataclasses.fields(hints[s])]
+            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"{source}: unknown key '{full}'{hint}")
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            kwargs[key] = _build(typing.cast(type, hint_type), value or {}, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _check(value, hint_type, f"{prefix}{key}", source)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{source}: {prefix.rstrip('.')}: {e}") from None
+    _validate(obj, prefix, source)
+    return obj
+
+
+def _check(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: {key}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        return [_check(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        return {str(k): _check(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 2e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+    raise ConfigError(f"{source}: {key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _validate(obj: Any, prefix: str, source: str) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: {prefix}{key}: {why}")
+
+    if isinstance(obj, TrainConfig):
+        if obj.epochs <= 0:
+            raise bad("epochs", f"must be > 0, got {obj.epochs}")
+        if obj.max_steps is not None and obj.max_steps <= 0:
+            raise bad("max_steps", f"must be > 0, got {obj.max_steps}")
+        if obj.learning_rate <= 0:
+            raise bad("learning_rate", f"must be > 0, got {obj.learning_rate}")
+        if not 0 <= obj.warmup_ratio < 1:
+            raise bad("warmup_ratio", f"must be in [0, 1), got {obj.warmup_ratio}")
+        if obj.batch_tokens < 16:
+            raise bad("batch_tokens", f"must be at least 16, got {obj.batch_tokens}")
+        if obj.gradient_accumulation_steps < 1:
+            raise bad("gradient_accumulation_steps", "must be >= 1")
+        if obj.zero_stage not in (0, 1, 2, 3):
+            raise bad("zero_stage", f"must be 0, 1, 2 or 3, got {obj.zero_stage}")
+        for k in ("log_every", "save_every", "eval_every"):
+            v = getattr(obj, k)
+            if v is not None and v < 1:
+                raise bad(k, f"must be >= 1, got {v}")
+    elif isinstance(obj, DataConfig):
+        for k in ("max_train_samples", "max_eval_samples"):
+            v = getattr(obj, k)
+            if v is not None and v < 1:
+                raise bad(k, f"must be >= 1, got {v}")
+    elif isinstance(obj, ModelConfig):
+        if obj.max_length is not None and obj.max_length < 8:
+            raise bad("max_length", f"must be at least 8, got {obj.max_length}")
+        if obj.stride < 0:
+            raise bad("stride", f"must be >= 0, got {obj.stride}")
+    elif isinstance(obj, RunConfig):
+        if not obj.name or "/" in obj.name or obj.name in (".", ".."):
+            raise bad("name", f"must be a plain name without '/', got {obj.name!r}")
+        if obj.keep_best < 0:
+            raise bad("keep_best", "must be >= 0")
+    elif isinstance(obj, ScalingConfig):
+        if obj.num_workers < 1:
+            raise bad("num_workers", f"must be >= 1, got {obj.num_workers}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML output, Ray's train_loop_config, provenance)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe_keys() -> str:
+    """Every key with its default, for --help."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        sec_cls = typing.get_type_hints(Config)[section.name]
+        for f in dataclasses.fields(sec_cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {section.name}.{f.name} = {default!r}")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Resume state in one object, and what the user sees while training runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("raytag")
+
+
+@dataclass
+class TrainingProgress:
+    """Everything besides DeepSpeed's own files that a resumed run needs to continue exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # next step to run within `epoch`
+    global_step: int = 0
+    tokens_seen: int = 0  # real (non-pad) tokens trained on, all ranks
+    windows_seen: int = 0  # model inputs trained on (sentences, or windows of long ones), all ranks
+    epoch_loss: float = 0.0  # summed token loss since the last evaluation
+    epoch_labelled: int = 0
+    train_seconds: float = 0.0
+    best_f1: float | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            if hasattr(self, k):
+                setattr(self, k, v)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.state_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainingProgress:
+        p = cls()
+        p.load_state_dict(json.loads(path.read_text()))
+        return p
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class ProgressView:
+    """A progress bar (loss, tokens/s, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, log_every: int):
+        self.total, self.enabled, self.log_every = total, enabled, log_every
+        self.bar = None
+        self.started = time.monotonic()
+        self.initial = initial
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+
+    def update(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}", refresh=False
+            )
+            return
+        if step % self.log_every == 0 or step == self.total:
+            done = step - self.initial
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / done * (self.total - step) if done else float("nan")
+            log.info(
+                "step %d/%d loss %.4f lr %.2e tokens/s %.0f eta %s",
+                step,
+                self.total,
+                loss,
+                lr,
+                tokens_per_s,
+                _fmt_eta(eta),
+            )
+
+    def write(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            log.info("%s", msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
