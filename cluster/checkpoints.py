@@ -18,6 +18,7 @@ import json
 import math
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -106,17 +107,32 @@ def local_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
+def file_entries(folder: Path, paths: list[str] | None = None) -> list[dict[str, Any]]:
+    """Manifest entries ({path, size, sha256}) for ``paths`` of ``folder`` (default: every file)."""
+    entries = []
+    for rel in local_files(folder) if paths is None else sorted(paths):
+        size, sha = hash_file(folder / rel)
+        entries.append({"path": rel, "size": size, "sha256": sha})
+    return entries
+
+
 def build_manifest(
-    folder: Path, name: str, step: int, metrics: dict, epoch: float | None = None
+    folder: Path,
+    name: str,
+    step: int,
+    metrics: dict,
+    epoch: float | None = None,
+    paths: list[str] | None = None,
+    peer_files: list[dict[str, Any]] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """The manifest of checkpoint folder ``folder``: every file with size and sha256, plus metadata.
 
-    Raises OSError if a file cannot be read, ValueError if ``folder`` holds no files.
+    ``paths`` limits it to some files of ``folder``; ``peer_files`` adds entries of files that
+    other ranks uploaded themselves. Raises OSError if a file cannot be read, ValueError if the
+    checkpoint holds no files.
     """
-    files = []
-    for rel in local_files(folder):
-        size, sha = hash_file(folder / rel)
-        files.append({"path": rel, "size": size, "sha256": sha})
+    files = file_entries(folder, paths) + [dict(e) for e in peer_files]
+    files.sort(key=lambda e: e["path"])
     if not files:
         raise ValueError(f"checkpoint folder {folder} holds no files")
     return {
@@ -254,7 +270,7 @@ class CheckpointStore:
         self._lock = threading.Lock()
         self._retention_lock = threading.Lock()
         self._futures: list[Future] = []
-        self._in_flight: set[str] = set()
+        self._in_flight: Counter[str] = Counter()  # names being saved (a name may be queued twice)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -282,9 +298,14 @@ class CheckpointStore:
         *,
         block: bool = False,
         epoch: float | None = None,
+        paths: list[str] | None = None,
+        peer_files: list[dict[str, Any]] | None = None,
     ) -> None:
         """Save folder ``local_dir`` as checkpoint ``name`` in the background (``block``: wait for it).
 
+        With several ranks, ``paths`` names this rank's own files of ``local_dir`` and
+        ``peer_files`` the manifest entries of files the other ranks already uploaded with
+        ``upload_part``: the manifest lists them all and is written only after every file is in.
         ``local_dir`` must not change until the save is done. ``epoch`` defaults to
         ``metrics['epoch']``. Raises CheckpointUploadError for this save when ``block``, or for
         an earlier background save that failed; ValueError for a bad name; RuntimeError once closed.
@@ -298,42 +319,84 @@ class CheckpointStore:
         with self._lock:
             if self._closed:
                 raise RuntimeError("CheckpointStore is closed")
-            self._in_flight.add(name)
-            future = self._saver.submit(self._save_now, Path(local_dir), name, step, dict(metrics), epoch)
+            self._in_flight[name] += 1
+            future = self._saver.submit(
+                self._save_now, Path(local_dir), name, step, dict(metrics), epoch, paths, list(peer_files or [])
+            )
             self._futures.append(future)
         if block:
             with self._lock:
                 self._futures.remove(future)
             future.result()
 
-    def _save_now(self, local_dir: Path, name: str, step: int, metrics: dict, epoch: float | None) -> None:
+    def _save_now(
+        self,
+        local_dir: Path,
+        name: str,
+        step: int,
+        metrics: dict,
+        epoch: float | None,
+        paths: list[str] | None = None,
+        peer_files: list[dict[str, Any]] | None = None,
+    ) -> None:
         """Upload one checkpoint, manifest last, then run retention; raises CheckpointUploadError."""
         try:
-            self._upload(local_dir, name, step, metrics, epoch)
+            self._upload(local_dir, name, step, metrics, epoch, paths, peer_files or [])
         except Exception as exc:
             raise CheckpointUploadError(
                 redact(f"checkpoint {name} was not saved to {self.where(name)}: {exc}")
             ) from exc
         finally:
             with self._lock:
-                self._in_flight.discard(name)
+                self._in_flight[name] -= 1
+                if self._in_flight[name] <= 0:
+                    del self._in_flight[name]
         self.log(f"saved checkpoint {name} to {self.where(name)}")
         try:
             self.retention()
         except Exception as exc:  # the checkpoint is saved; a failed clean-up must not hide that
             self.log(f"checkpoint retention after {name} failed: {exc}")
 
-    def _upload(self, local_dir: Path, name: str, step: int, metrics: dict, epoch: float | None) -> None:
+    def _upload(
+        self,
+        local_dir: Path,
+        name: str,
+        step: int,
+        metrics: dict,
+        epoch: float | None,
+        paths: list[str] | None = None,
+        peer_files: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    ) -> None:
         """Hash, upload the files in parallel, then write the manifest; raises on the first failure."""
         target = join_key(self.prefix, name)
         manifest_key = join_key(target, MANIFEST)
-        manifest = build_manifest(local_dir, name, step, metrics, epoch)
+        manifest = build_manifest(local_dir, name, step, metrics, epoch, paths, peer_files)
         self._call(lambda: self.storage.delete(manifest_key), f"removing the old manifest of {name}")
         if not _is_target(self.storage, target, local_dir):
-            self._call(lambda: self.storage.delete_prefix(target), f"clearing {name}")
-            self._upload_files(local_dir, target, [f["path"] for f in manifest["files"]])
+            if not peer_files:  # peers' files are already in place: never clear them
+                self._call(lambda: self.storage.delete_prefix(target), f"clearing {name}")
+            peers = {e["path"] for e in peer_files}
+            self._upload_files(local_dir, target, [f["path"] for f in manifest["files"] if f["path"] not in peers])
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
         self._call(lambda: self.storage.put_bytes(manifest_key, data), f"writing the manifest of {name}")
+
+    def upload_part(self, local_dir: Path, name: str, paths: list[str]) -> list[dict[str, Any]]:
+        """Upload this rank's own files of checkpoint ``name`` now (blocking); return their manifest entries.
+
+        Rank 0 later passes every rank's entries to ``save(peer_files=...)``, which writes the
+        manifest. Raises CheckpointUploadError naming the checkpoint when an upload fails.
+        """
+        target = join_key(self.prefix, check_key(name))
+        entries = file_entries(Path(local_dir), paths)
+        if not paths or _is_target(self.storage, target, Path(local_dir)):
+            return entries
+        try:
+            self._upload_files(Path(local_dir), target, [e["path"] for e in entries])
+        except Exception as exc:
+            raise CheckpointUploadError(
+                redact(f"checkpoint {name} was not saved to {self.where(name)}: {exc}")
+            ) from exc
+        return entries
 
     def _upload_files(self, local_dir: Path, target: str, paths: list[str]) -> None:
         """Upload ``paths`` of ``local_dir`` below ``target`` in the pool; raise the first failure."""

@@ -26,7 +26,7 @@ PREFLIGHT_MARK = ".raytag-preflight-"
 DEFAULT_MULTIPART_THRESHOLD = 64 * 1024 * 1024
 DEFAULT_MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
 PREFLIGHT_READ_TIMEOUT = 10.0
-PREFLIGHT_MAX_ATTEMPTS = 2
+PREFLIGHT_MAX_ATTEMPTS = 1  # botocore's retries.max_attempts counts retries: 1 means two tries
 
 T = TypeVar("T")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -433,8 +433,10 @@ class S3Storage:
     ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
     instance roles). Path-style addressing is used with a non-AWS endpoint unless
     ``path_style`` says otherwise. Timeouts and retries are bounded so a wrong endpoint fails
-    in seconds. Every failure raises StorageError (``transient`` set for network trouble).
-    ``create_bucket`` lets ``preflight`` create a missing bucket even when not asked to.
+    in seconds: ``max_attempts`` is botocore's ``retries.max_attempts`` (standard mode), which
+    counts retries after the first try. Every failure raises StorageError (``transient`` set
+    for network trouble). ``create_bucket`` lets ``preflight`` create a missing bucket even
+    when not asked to.
     """
 
     def __init__(
@@ -638,7 +640,7 @@ class S3Storage:
         the constructor's), then writes and deletes a probe object
         ``<prefix>/.raytag-preflight-<uuid>``. Raises StorageError with a one-sentence reason
         (unreachable endpoint, rejected credentials, missing bucket, denied access) that never
-        contains a secret. Uses a read timeout of at most 10 s and at most 2 tries per
+        contains a secret. Uses a read timeout of at most 10 s and at most two tries per
         request, so an endpoint that accepts connections but never answers fails in under 30 s.
         """
         if self._probe is None:

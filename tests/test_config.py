@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from raytag.trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
+
 from raytag.trainer.batching import plan_batches, shard_steps
 from raytag.trainer.features import IGNORE, encode, owners, plan_windows, stitch
-from transformers import AutoTokenizer
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "xlm-roberta-base-tokenizer"
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import conlleval
 import pytest
+
 from raytag.trainer.scoring import score, write_conlleval_file
 
 Tags = list[list[str]]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from raytag.cluster import storage as storage_mod
 from raytag.cluster.checkpoints import (
     MANIFEST,
@@ -184,6 +186,33 @@ def test_redact(monkeypatch: pytest.MonkeyPatch) -> None:
     S3Storage("bkt", endpoint_url="http://127.0.0.1:9", access_key="AK", secret_key="ctor-secret-42")
     assert redact("x ctor-secret-42 y") == "x *** y"
     assert "env-secret-123" not in str(StorageError("oops env-secret-123"))
+
+
+def test_s3_preflight_fails_fast_without_a_server() -> None:
+    secret = "unit-secret-value-0123456789"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free: nothing listens after the with-block
+    st = S3Storage("bkt", "p", endpoint_url=f"http://127.0.0.1:{port}", access_key="ak", secret_key=secret)
+    start = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        st.preflight()
+    assert time.monotonic() - start < 30
+    assert (
+        str(info.value)
+        == f"cannot reach S3 endpoint http://127.0.0.1:{port} for bucket 'bkt': connection refused"
+    )
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        st = S3Storage(
+            "bkt", "p", endpoint_url=endpoint, secret_key=secret, access_key="ak", read_timeout=0.3
+        )
+        with pytest.raises(StorageError, match="no answer before the read timeout") as info2:
+            st.preflight()
+    for text in (str(info.value), repr(info.value), str(info2.value), repr(st), st.uri):
+        assert secret not in text
 
 
 def test_with_retries_retries_only_transient() -> None:

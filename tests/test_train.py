@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from raytag.trainer.config import load_config, to_dict
 from raytag.trainer.loop import train_loop
 
@@ -32,8 +33,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def test_two_zero2_steps_lower_the_loss(tmp_path):
+def test_two_zero2_steps_lower_the_loss(tmp_path, caplog):
     # 16 sentences in one batch: both steps see the same data, so the loss must fall.
+    # One worker runs ZeRO-0 by default; DeepSpeed JSON forces stage 2.
+    caplog.set_level("INFO", logger="raytag")
     run(
         tmp_path,
         "two",
@@ -42,11 +45,12 @@ def test_two_zero2_steps_lower_the_loss(tmp_path):
         "train.batch_tokens=100000",
         "train.max_steps=2",
         "train.log_every=1",
-        "train.zero_stage=2",
+        "train.deepspeed.zero_optimization.stage=2",
         "train.warmup_ratio=0",
         "train.learning_rate=1e-2",
         "model.dropout=0.0",
     )
+    assert "ZeRO-2, 1 worker(s)" in caplog.text
     got = losses(tmp_path / "two")
     assert set(got) == {1, 2}
     assert got[2] < got[1] - 0.05, got
