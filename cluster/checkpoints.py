@@ -321,7 +321,14 @@ class CheckpointStore:
                 raise RuntimeError("CheckpointStore is closed")
             self._in_flight[name] += 1
             future = self._saver.submit(
-                self._save_now, Path(local_dir), name, step, dict(metrics), epoch, paths, list(peer_files or [])
+                self._save_now,
+                Path(local_dir),
+                name,
+                step,
+                dict(metrics),
+                epoch,
+                paths,
+                list(peer_files or []),
             )
             self._futures.append(future)
         if block:
@@ -376,7 +383,9 @@ class CheckpointStore:
             if not peer_files:  # peers' files are already in place: never clear them
                 self._call(lambda: self.storage.delete_prefix(target), f"clearing {name}")
             peers = {e["path"] for e in peer_files}
-            self._upload_files(local_dir, target, [f["path"] for f in manifest["files"] if f["path"] not in peers])
+            self._upload_files(
+                local_dir, target, [f["path"] for f in manifest["files"] if f["path"] not in peers]
+            )
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
         self._call(lambda: self.storage.put_bytes(manifest_key, data), f"writing the manifest of {name}")
 

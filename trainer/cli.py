@@ -25,10 +25,19 @@ USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
 def _user_errors() -> tuple[type[BaseException], ...]:
     from raytag.cluster.checkpoints import CheckpointUploadError
     from raytag.cluster.storage import StorageError
+    from raytag.launcher.ray_launcher import LaunchError
 
     from .conll import ConllError
 
-    return (ConfigError, ConllError, StorageError, CheckpointUploadError, FileNotFoundError, OSError)
+    return (
+        ConfigError,
+        ConllError,
+        StorageError,
+        CheckpointUploadError,
+        LaunchError,
+        FileNotFoundError,
+        OSError,
+    )
 
 
 def setup_logging() -> None:

@@ -1,0 +1,189 @@
+"""A config becomes a Ray Train run: TorchTrainer over raytag's training loop, one worker per GPU (or CPU slot).
+
+Who owns what: Ray owns the workers, their process group and restarts after a lost worker or
+node (`FailureConfig`); raytag's storage layer owns checkpoints (upload, manifest, retention,
+choice of resume point), exactly as in local mode. Workers report metrics to Ray (so its
+dashboard shows progress) with the checkpoint's location as a metric, never a Ray
+`Checkpoint`: one checkpoint mechanism, not two. A restarted worker group simply runs the loop
+again, which resumes from raytag's newest complete checkpoint.
+
+Data sharding is planned inside the loop (trainer/batching.py), not with Ray Data: every rank
+derives the same global batch plan from (seed, epoch) and takes its own micro-batches, so the
+shards are disjoint, cover every sentence, give every rank the same number of steps, and the
+loss can be normalised by the global labelled-token count without an extra collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from raytag.trainer.config import Config, ConfigError, to_dict
+
+log = logging.getLogger("raytag")
+
+
+class LaunchError(RuntimeError):
+    """The Ray run could not start or failed; the message is one sentence."""
+
+
+def absolutize(cfg: Config) -> Config:
+    """Local paths made absolute: Ray workers run in another working directory."""
+
+    def fix(p: str | None) -> str | None:
+        if p is None or p.startswith(("builtin:", "s3://", "hf://")):
+            return p
+        return str(Path(p).expanduser().resolve())
+
+    data = dataclasses.replace(
+        cfg.data,
+        train=fix(cfg.data.train),
+        validation=fix(cfg.data.validation),
+        test=fix(cfg.data.test),
+        eval_sets={k: fix(v) or v for k, v in cfg.data.eval_sets.items()},
+    )
+    model = cfg.model
+    if Path(model.name_or_path).expanduser().exists():
+        model = dataclasses.replace(model, name_or_path=str(Path(model.name_or_path).expanduser().resolve()))
+    run = cfg.run
+    if not run.storage.startswith("s3://"):
+        run = dataclasses.replace(run, storage=str(Path(run.storage).expanduser().resolve()))
+    return dataclasses.replace(cfg, data=data, model=model, run=run)
+
+
+def _connect() -> None:
+    """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(log_to_driver=True)  # inside `ray job submit`: no num_cpus, the cluster decides
+    else:
+        ray.init(include_dashboard=False)
+
+
+def _check_storage_fits_cluster(cfg: Config) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not cfg.run.storage.startswith("s3://"):
+        raise ConfigError(
+            f"run.storage: the local folder {cfg.run.storage!r} cannot hold a run on a cluster of "
+            f"{len(nodes)} nodes (each node would see its own folder); use s3://bucket/prefix"
+        )
+
+
+def _preflight(cfg: Config) -> None:
+    """Fail in the driver, in seconds, on what would otherwise fail on every worker after start-up."""
+    from raytag.cluster.storage import open_storage
+    from raytag.trainer.loop import _read_splits
+
+    storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
+    storage.preflight(create_bucket=cfg.run.create_bucket)
+    _read_splits(cfg)  # bad files, lines and tags surface here, not as N worker crashes
+
+
+def _ray_storage(cfg: Config) -> tuple[str, Any]:
+    """Where Ray keeps its own run state: beside raytag's outputs, under <run>/ray/."""
+    rc = cfg.run
+    if not rc.storage.startswith("s3://"):
+        return str(Path(rc.storage) / rc.name), None
+    import pyarrow.fs
+
+    from raytag.cluster.storage import split_s3_uri
+
+    bucket, prefix = split_s3_uri(rc.storage)
+    endpoint = (
+        rc.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    kwargs: dict[str, Any] = {}
+    if rc.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+        kwargs["region"] = (
+            rc.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        )
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme, force_virtual_addressing=False)
+    # Credentials: pyarrow reads the same standard places as boto3 (env, profile, instance role).
+    fs = pyarrow.fs.S3FileSystem(**kwargs)
+    path = "/".join(p for p in (bucket, prefix, rc.name) if p)
+    return path, fs
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray.train
+
+    from raytag.trainer.cli import setup_logging
+    from raytag.trainer.loop import train_loop
+
+    setup_logging()
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        # Every rank calls this equally often (it is a barrier); rank 0's metrics are Ray's.
+        ray.train.report({**metrics, "checkpoint": checkpoint_dir.name if checkpoint_dir else None})
+
+    train_loop(config, report=report)
+
+
+def launch(cfg: Config) -> dict[str, Any] | None:
+    """Run `cfg` on Ray Train and return results.json (None if the run produced none).
+
+    Raises ConfigError / StorageError / ConllError before any worker starts when the config,
+    storage or data is wrong; LaunchError when the Ray run fails.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raytag.cluster.storage import open_storage
+
+    cfg = absolutize(cfg)
+    sc = cfg.scaling
+    _preflight(cfg)
+    _connect()
+    _check_storage_fits_cluster(cfg)
+    resources: dict[str, float] = {"CPU": sc.cpus_per_worker if sc.cpus_per_worker is not None else 1}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker if sc.gpus_per_worker is not None else 1
+    scaling = ray.train.ScalingConfig(
+        num_workers=sc.num_workers,
+        use_gpu=sc.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=sc.placement_strategy,
+    )
+    storage_path, fs = _ray_storage(cfg)
+    run_config = ray.train.RunConfig(
+        name="ray",
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+    )
+    log.info(
+        "Ray Train: %d worker(s), %s per worker, run %r, Ray state in %s/ray",
+        sc.num_workers,
+        resources,
+        cfg.run.name,
+        storage_path,
+    )
+    trainer = TorchTrainer(
+        _train_worker, train_loop_config=to_dict(cfg), scaling_config=scaling, run_config=run_config
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; keep the root cause's message, one line
+        cause: BaseException = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        text = str(cause).strip().splitlines()
+        last = next((ln for ln in reversed(text) if ln.strip()), type(cause).__name__)
+        raise LaunchError(f"the Ray Train run {cfg.run.name!r} failed: {last.strip()}") from None
+    storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
+    raw = storage.get_bytes(f"{cfg.run.name}/results.json")
+    return json.loads(raw) if raw else None
