@@ -81,11 +81,13 @@ def _check_storage_fits_cluster(cfg: Config) -> None:
 
 def _preflight(cfg: Config) -> None:
     """Fail in the driver, in seconds, on what would otherwise fail on every worker after start-up."""
+    from raytag.cluster.runlock import RunLock
     from raytag.cluster.storage import open_storage
     from raytag.trainer.loop import _read_splits
 
     storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
     storage.preflight(create_bucket=cfg.run.create_bucket)
+    RunLock(storage, cfg.run.name, cfg.run.owner or "").check()
     _read_splits(cfg)  # bad files, lines and tags surface here, not as N worker crashes
 
 
@@ -142,9 +144,12 @@ def launch(cfg: Config) -> dict[str, Any] | None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raytag.cluster.runlock import new_owner
     from raytag.cluster.storage import open_storage
 
     cfg = absolutize(cfg)
+    # One owner id for the whole Ray run: a worker group that Ray restarts keeps the run's lease.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, owner=cfg.run.owner or new_owner()))
     sc = cfg.scaling
     _preflight(cfg)
     _connect()

@@ -103,8 +103,12 @@ class RunConfig:
     new_run: bool = False
     """Start over even if the run already has checkpoints or finished (old checkpoints are removed)."""
     s3_endpoint_url: str | None = None
+    """S3 endpoint (MinIO, ...); default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS."""
     s3_region: str | None = None
     create_bucket: bool = False
+    """Create the bucket in the pre-flight check when it does not exist."""
+    owner: str | None = None
+    """Set automatically: the id of the job writing the run (a second live job is refused)."""
 
 
 @dataclass(frozen=True)

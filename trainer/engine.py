@@ -100,7 +100,14 @@ def _skip_cpu_shm_build() -> None:
     import deepspeed.ops
 
     if not torch.cuda.is_available() and os.environ.get("RAYTAG_DS_SHM_COMM") != "1":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # `__compatible_ops__` is computed lazily on first access by compiling a probe for every
+        # op (seconds, and linker noise such as "cannot find -laio"); its only reader is the
+        # shm-op check, so when it has not been computed yet we set it ourselves.
+        ops = vars(deepspeed.ops)
+        if "__compatible_ops__" in ops:
+            ops["__compatible_ops__"]["deepspeed_shm_comm"] = False
+        else:
+            ops["__compatible_ops__"] = {"deepspeed_shm_comm": False}
 
 
 def build_engine(model: torch.nn.Module, spec: EngineSpec):

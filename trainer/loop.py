@@ -86,6 +86,7 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
     launcher passes one that reports to Ray Train); local runs pass None.
     """
     from raytag.cluster.checkpoints import CheckpointStore, RunFiles
+    from raytag.cluster.runlock import RunLock, new_owner
     from raytag.cluster.storage import open_storage
 
     cfg: Config = from_dict(config)
@@ -115,6 +116,9 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
     store = CheckpointStore(storage, run_key, keep_best=rc.keep_best, metric="f1", log=log.info)
     files = RunFiles(storage, run_key, log=log.info)
 
+    lock = RunLock(storage, run_key, rc.owner or new_owner()) if is_rank_zero() else None
+    if lock is not None:
+        lock.check()  # before anything is deleted or written: a second live job is refused here
     if rc.new_run and is_rank_zero():
         storage.delete_prefix(f"{run_key}/")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,288 +133,306 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
 
         return json.loads(storage.get_bytes(f"{run_key}/results.json") or b"{}")
 
-    # ---- data and labels
-    splits = _read_splits(cfg)
-    train = splits.get("train")
-    if train is None:
-        raise ConfigError("data.train: no training file given")
-    labels = make_labels(train, dc.labels)
-    label2id = {lab: i for i, lab in enumerate(labels)}
-    for name, sp in splits.items():  # evaluation files must only use known labels
-        if name != "train":
-            _check_labels(sp, label2id)
-    tokenizer = load_tokenizer(mc.name_or_path)
-    encoded = {
-        name: encode(sp.words, sp.tags, tokenizer, label2id, mc.max_length, mc.stride)
-        for name, sp in splits.items()
-    }
-    for name, enc in encoded.items():
-        st = enc.stats
-        if st["split_sentences"] or st["cut_words"] or st["empty_words"]:
-            log.info(
-                "%s: %d sentence(s) longer than the window were split into overlapping windows; "
-                "%d over-long word(s) cut to the window; %d word(s) with no sub-words mapped to <unk>",
-                name,
-                st["split_sentences"],
-                st["cut_words"],
-                st["empty_words"],
-            )
-    train_enc = encoded["train"]
-    lengths = [len(w) for w in train_enc.windows]
-    labelled = [int((w.labels != IGNORE).sum()) for w in train_enc.windows]
-    real_tokens = np.asarray(lengths, dtype=np.int64)
+    if lock is not None:
+        lock.acquire()
+    try:
+        # ---- data and labels
+        splits = _read_splits(cfg)
+        train = splits.get("train")
+        if train is None:
+            raise ConfigError("data.train: no training file given")
+        labels = make_labels(train, dc.labels)
+        label2id = {lab: i for i, lab in enumerate(labels)}
+        for name, sp in splits.items():  # evaluation files must only use known labels
+            if name != "train":
+                _check_labels(sp, label2id)
+        tokenizer = load_tokenizer(mc.name_or_path)
+        encoded = {
+            name: encode(sp.words, sp.tags, tokenizer, label2id, mc.max_length, mc.stride)
+            for name, sp in splits.items()
+        }
+        for name, enc in encoded.items():
+            st = enc.stats
+            if st["split_sentences"] or st["cut_words"] or st["empty_words"]:
+                log.info(
+                    "%s: %d sentence(s) longer than the window were split into overlapping windows; "
+                    "%d over-long word(s) cut to the window; %d word(s) with no sub-words mapped to <unk>",
+                    name,
+                    st["split_sentences"],
+                    st["cut_words"],
+                    st["empty_words"],
+                )
+        train_enc = encoded["train"]
+        lengths = [len(w) for w in train_enc.windows]
+        labelled = [int((w.labels != IGNORE).sum()) for w in train_enc.windows]
+        real_tokens = np.asarray(lengths, dtype=np.int64)
 
-    # ---- the whole schedule is planned up front from (seed, epoch): identical on every rank
-    accum = tc.gradient_accumulation_steps
+        # ---- the whole schedule is planned up front from (seed, epoch): identical on every rank
+        accum = tc.gradient_accumulation_steps
 
-    def epoch_plan(epoch: int) -> StepPlan:
-        batches = plan_batches(lengths, tc.batch_tokens, tc.max_batch_sentences, tc.seed, epoch)
-        return shard_steps(batches, labelled, world, rank, accum)
+        def epoch_plan(epoch: int) -> StepPlan:
+            batches = plan_batches(lengths, tc.batch_tokens, tc.max_batch_sentences, tc.seed, epoch)
+            return shard_steps(batches, labelled, world, rank, accum)
 
-    steps_per_epoch = len(epoch_plan(0).steps)
-    if tc.max_steps:
-        total_steps = tc.max_steps
-    else:
-        total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
-    warmup = int(round(tc.warmup_ratio * total_steps))
+        steps_per_epoch = len(epoch_plan(0).steps)
+        if tc.max_steps:
+            total_steps = tc.max_steps
+        else:
+            total_steps = max(1, math.ceil(tc.epochs * steps_per_epoch))
+        warmup = int(round(tc.warmup_ratio * total_steps))
 
-    # ---- model and engine
-    model = load_model(mc.name_or_path, labels, tokenizer, tc.seed, mc.dropout)
-    model.to(device)
-    precision = resolve_precision(tc.precision, use_gpu)
-    zero_stage = tc.zero_stage
-    if world == 1 and zero_stage in (1, 2) and "zero_optimization" not in tc.deepspeed:
-        # ZeRO-1/2 partition optimizer state and gradients across data-parallel workers; with one
-        # worker nothing is partitioned and the flat-buffer copies cost ~40% of step time on CPU.
-        # (An explicit train.deepspeed.zero_optimization still forces the stage.)
-        log.info("one worker: ZeRO-%d has nothing to partition, running ZeRO-0", zero_stage)
-        zero_stage = 0
-    zero_stage = int((tc.deepspeed.get("zero_optimization") or {}).get("stage", zero_stage))
-    spec = EngineSpec(
-        learning_rate=tc.learning_rate,
-        weight_decay=tc.weight_decay,
-        betas=(tc.adam_beta1, tc.adam_beta2),
-        eps=tc.adam_epsilon,
-        total_steps=total_steps,
-        warmup_steps=warmup,
-        zero_stage=zero_stage,
-        precision=precision,
-        accumulation=accum,
-        max_grad_norm=tc.max_grad_norm,
-        world_size=world,
-        extra=tc.deepspeed,
-    )
-    engine = build_engine(model, spec)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # ---- model and engine
+        model = load_model(mc.name_or_path, labels, tokenizer, tc.seed, mc.dropout)
+        model.to(device)
+        precision = resolve_precision(tc.precision, use_gpu)
+        zero_stage = tc.zero_stage
+        if world == 1 and zero_stage in (1, 2) and "zero_optimization" not in tc.deepspeed:
+            # ZeRO-1/2 partition optimizer state and gradients across data-parallel workers; with one
+            # worker nothing is partitioned and the flat-buffer copies cost ~40% of step time on CPU.
+            # (An explicit train.deepspeed.zero_optimization still forces the stage.)
+            log.info("one worker: ZeRO-%d has nothing to partition, running ZeRO-0", zero_stage)
+            zero_stage = 0
+        zero_stage = int((tc.deepspeed.get("zero_optimization") or {}).get("stage", zero_stage))
+        spec = EngineSpec(
+            learning_rate=tc.learning_rate,
+            weight_decay=tc.weight_decay,
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_epsilon,
+            total_steps=total_steps,
+            warmup_steps=warmup,
+            zero_stage=zero_stage,
+            precision=precision,
+            accumulation=accum,
+            max_grad_norm=tc.max_grad_norm,
+            world_size=world,
+            extra=tc.deepspeed,
+        )
+        engine = build_engine(model, spec)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    # ---- resume
-    progress = TrainingProgress()
-    resumed_from = None
-    if rc.resume and not rc.new_run:
-        info = store.latest()
-        if info is not None:
-            ckpt = store.download(info, run_dir / "checkpoints" / info.name)
-            _guard_resume(ckpt, labels, cfg)
-            engine.load_checkpoint(str(ckpt), tag="ds", load_module_strict=True)
-            progress = TrainingProgress.load(ckpt / "progress.json")
-            rng_file = ckpt / f"rng-rank{rank}.pt"
-            if rng_file.exists():
-                set_rng_state(torch.load(rng_file, weights_only=False))
-            resumed_from = info.name
-            log.info(
-                "resumed from checkpoint %s (step %d, epoch %d) in %s",
-                info.name,
-                progress.global_step,
-                progress.epoch,
-                storage.uri,
-            )
-    if resumed_from and local is None and is_rank_zero():
-        # A fresh machine resuming from the bucket: continue the bucket's metrics and best model.
-        storage.get_file(f"{run_key}/metrics.jsonl", run_dir / "metrics.jsonl")
-        for key in storage.list(f"{run_key}/model/"):
-            storage.get_file(key, run_dir / key[len(run_key) + 1 :])
-    metrics = (
-        MetricsLog(run_dir / "metrics.jsonl", progress.global_step if resumed_from else None)
-        if is_rank_zero()
-        else None
-    )
-
-    if is_rank_zero():
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-        write_json(run_dir / "labels.json", labels)
-        files.sync("config.yaml", run_dir / "config.yaml")
-        files.sync("labels.json", run_dir / "labels.json")
-        log.info(
-            "run %s: %d train windows (%d sentences), %d steps (%d per epoch), %d labels, %s, ZeRO-%d, "
-            "%d worker(s), outputs in %s",
-            rc.name,
-            len(train_enc.windows),
-            train.sentences.__len__(),
-            total_steps,
-            steps_per_epoch,
-            len(labels),
-            precision,
-            zero_stage,
-            world,
-            f"{storage.uri}/{run_key}",
+        # ---- resume
+        progress = TrainingProgress()
+        resumed_from = None
+        if rc.resume and not rc.new_run:
+            info = store.latest()
+            if info is not None:
+                ckpt = store.download(info, run_dir / "checkpoints" / info.name)
+                _guard_resume(ckpt, labels, tokenizer_fingerprint(tokenizer), cfg)
+                engine.load_checkpoint(str(ckpt), tag="ds", load_module_strict=True)
+                progress = TrainingProgress.load(ckpt / "progress.json")
+                rng_file = ckpt / f"rng-rank{rank}.pt"
+                if rng_file.exists():
+                    set_rng_state(torch.load(rng_file, weights_only=False))
+                resumed_from = info.name
+                log.info(
+                    "resumed from checkpoint %s (step %d, epoch %d) in %s",
+                    info.name,
+                    progress.global_step,
+                    progress.epoch,
+                    storage.uri,
+                )
+        if resumed_from and local is None and is_rank_zero():
+            # A fresh machine resuming from the bucket: continue the bucket's metrics and best model.
+            storage.get_file(f"{run_key}/metrics.jsonl", run_dir / "metrics.jsonl")
+            for key in storage.list(f"{run_key}/model/"):
+                storage.get_file(key, run_dir / key[len(run_key) + 1 :])
+        metrics = (
+            MetricsLog(run_dir / "metrics.jsonl", progress.global_step if resumed_from else None)
+            if is_rank_zero()
+            else None
         )
 
-    def log_record(record: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(record)
-            files.sync("metrics.jsonl", run_dir / "metrics.jsonl")
+        if is_rank_zero():
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+            write_json(run_dir / "labels.json", labels)
+            files.sync("config.yaml", run_dir / "config.yaml")
+            files.sync("labels.json", run_dir / "labels.json")
+            log.info(
+                "run %s: %d train windows (%d sentences), %d steps (%d per epoch), %d labels, %s, ZeRO-%d, "
+                "%d worker(s), outputs in %s",
+                rc.name,
+                len(train_enc.windows),
+                train.sentences.__len__(),
+                total_steps,
+                steps_per_epoch,
+                len(labels),
+                precision,
+                zero_stage,
+                world,
+                f"{storage.uri}/{run_key}",
+            )
 
-    # ---- evaluation, checkpointing, export: closures over the loop's state
-    def evaluate(name: str) -> EvalResult:
-        engine.module.eval()
-        enc = encoded[name]
-        preds, loss_sum, count = predict_windows(
-            engine, enc, pad_id, device, tc.eval_batch_tokens, rank, world
-        )
-        merged: dict[int, np.ndarray] = {}
-        for part in gather_objects(preds):
-            merged.update(part)
-        loss_sum, count = all_sum([loss_sum, float(count)])
+        def log_record(record: dict[str, Any]) -> None:
+            if metrics is not None:
+                metrics.write(record)
+                files.sync("metrics.jsonl", run_dir / "metrics.jsonl")
+
+        # ---- evaluation, checkpointing, export: closures over the loop's state
+        def evaluate(name: str) -> EvalResult:
+            engine.module.eval()
+            enc = encoded[name]
+            preds, loss_sum, count = predict_windows(
+                engine, enc, pad_id, device, tc.eval_batch_tokens, rank, world
+            )
+            merged: dict[int, np.ndarray] = {}
+            for part in gather_objects(preds):
+                merged.update(part)
+            loss_sum, count = all_sum([loss_sum, float(count)])
+            engine.module.train()
+            return finish(enc, merged, splits[name].tags, labels, loss_sum, int(count))
+
+        def save_checkpoint(eval_metrics: dict[str, Any] | None) -> Path:
+            name = f"step-{progress.global_step:08d}"
+            ckpt = run_dir / "checkpoints" / name
+            if local_rank == 0 and ckpt.exists():  # a folder left by an attempt that died before its manifest
+                shutil.rmtree(ckpt)
+            barrier()
+            engine.save_checkpoint(str(ckpt), tag="ds", save_latest=False)
+            torch.save(rng_state(), ckpt / f"rng-rank{rank}.pt")
+            if is_rank_zero():
+                progress.save(ckpt / "progress.json")
+                write_json(ckpt / "labels.json", labels)
+                (ckpt / "tokenizer.sha256").write_text(tokenizer_fingerprint(tokenizer))
+                (ckpt / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+            barrier()
+            # Each rank uploads its own files (DeepSpeed's per-rank shards may sit on another node);
+            # rank 0 then writes the manifest listing all of them, so it appears only once every
+            # rank's files are in. On a local folder the files are already in place.
+            own = _own_files(ckpt, rank) if world > 1 and local is None else None
+            parts = gather_objects(store.upload_part(ckpt, name, own) if own is not None and rank > 0 else [])
+            if is_rank_zero():
+                peers = [e for part in parts[1:] for e in part]
+                store.save(ckpt, name, progress.global_step, eval_metrics or {}, paths=own, peer_files=peers)
+            barrier()
+            return ckpt
+
+        def export_best(history_results: dict[str, dict[str, Any]]) -> None:
+            sd = full_state_dict(engine)  # every rank: a collective under ZeRO-3
+            if is_rank_zero():
+                export_model(
+                    engine.module,
+                    sd,
+                    tokenizer,
+                    run_dir / "model",
+                    _export_meta(labels, mc),
+                    _card(cfg, labels, splits, progress, history_results),
+                )
+                files.sync_dir("model", run_dir / "model")
+
+        # ---- the loop
+        start_step = progress.global_step
+        view = ProgressView(total_steps, start_step, enabled=is_rank_zero(), log_every=tc.log_every)
+        window_loss, window_labelled, window_tokens, window_t0 = 0.0, 0.0, 0.0, time.monotonic()
         engine.module.train()
-        return finish(enc, merged, splits[name].tags, labels, loss_sum, int(count))
-
-    def save_checkpoint(eval_metrics: dict[str, Any] | None) -> Path:
-        name = f"step-{progress.global_step:08d}"
-        ckpt = run_dir / "checkpoints" / name
-        if local_rank == 0 and ckpt.exists():  # a folder left by an attempt that died before its manifest
-            shutil.rmtree(ckpt)
-        barrier()
-        engine.save_checkpoint(str(ckpt), tag="ds", save_latest=False)
-        torch.save(rng_state(), ckpt / f"rng-rank{rank}.pt")
-        if is_rank_zero():
-            progress.save(ckpt / "progress.json")
-            write_json(ckpt / "labels.json", labels)
-            (ckpt / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-        barrier()
-        # Each rank uploads its own files (DeepSpeed's per-rank shards may sit on another node);
-        # rank 0 then writes the manifest listing all of them, so it appears only once every
-        # rank's files are in. On a local folder the files are already in place.
-        own = _own_files(ckpt, rank) if world > 1 and local is None else None
-        parts = gather_objects(store.upload_part(ckpt, name, own) if own is not None and rank > 0 else [])
-        if is_rank_zero():
-            peers = [e for part in parts[1:] for e in part]
-            store.save(ckpt, name, progress.global_step, eval_metrics or {}, paths=own, peer_files=peers)
-        barrier()
-        return ckpt
-
-    def export_best(history_results: dict[str, dict[str, Any]]) -> None:
-        sd = full_state_dict(engine)  # every rank: a collective under ZeRO-3
-        if is_rank_zero():
-            export_model(
-                engine.module,
-                sd,
-                tokenizer,
-                run_dir / "model",
-                _export_meta(labels, mc),
-                _card(cfg, labels, splits, progress, history_results),
-            )
-            files.sync_dir("model", run_dir / "model")
-
-    # ---- the loop
-    start_step = progress.global_step
-    view = ProgressView(total_steps, start_step, enabled=is_rank_zero(), log_every=tc.log_every)
-    window_loss, window_labelled, window_tokens, window_t0 = 0.0, 0.0, 0.0, time.monotonic()
-    engine.module.train()
-    epoch = progress.epoch
-    stop = progress.global_step >= total_steps
-    while not stop:
-        plan = epoch_plan(epoch)
-        for s in range(progress.step_in_epoch, len(plan.steps)):
-            t0 = time.monotonic()
-            step_loss, step_tokens, step_windows = 0.0, 0, 0
-            for micro in plan.steps[s]:
-                if micro:
-                    batch = collate(train_enc.windows, micro, pad_id, device)
-                    step_tokens += int(real_tokens[micro].sum())
-                    step_windows += len(micro)
-                else:  # this rank ran out of batches: a zero-weight dummy keeps collectives in step
-                    batch = collate(train_enc.windows, [0], pad_id, device)
-                    batch["labels"].fill_(IGNORE)
-                labels_t = batch.pop("labels")
-                logits = engine(**batch).logits.float()
-                valid = labels_t != IGNORE
-                ce = torch.nn.functional.cross_entropy(
-                    logits.view(-1, logits.size(-1)), labels_t.view(-1), ignore_index=IGNORE, reduction="sum"
+        epoch = progress.epoch
+        stop = progress.global_step >= total_steps
+        while not stop:
+            plan = epoch_plan(epoch)
+            for s in range(progress.step_in_epoch, len(plan.steps)):
+                t0 = time.monotonic()
+                step_loss, step_tokens, step_windows = 0.0, 0, 0
+                for micro in plan.steps[s]:
+                    if micro:
+                        batch = collate(train_enc.windows, micro, pad_id, device)
+                        step_tokens += int(real_tokens[micro].sum())
+                        step_windows += len(micro)
+                    else:  # this rank ran out of batches: a zero-weight dummy keeps collectives in step
+                        batch = collate(train_enc.windows, [0], pad_id, device)
+                        batch["labels"].fill_(IGNORE)
+                    labels_t = batch.pop("labels")
+                    logits = engine(**batch).logits.float()
+                    valid = labels_t != IGNORE
+                    ce = torch.nn.functional.cross_entropy(
+                        logits.view(-1, logits.size(-1)),
+                        labels_t.view(-1),
+                        ignore_index=IGNORE,
+                        reduction="sum",
+                    )
+                    if not valid.any():
+                        ce = logits.sum() * 0.0
+                    # Normalise by the global count of labelled tokens in this optimizer step; DeepSpeed
+                    # averages gradients over ranks, hence the factor `world`.
+                    loss = ce * world / max(1, plan.labelled[s])
+                    engine.backward(loss, scale_wrt_gas=False)
+                    engine.step()
+                    step_loss += float(ce.detach())
+                progress.step_in_epoch = s + 1
+                progress.global_step += 1
+                step_loss, step_tokens_all, step_windows_all = all_sum(
+                    [step_loss, float(step_tokens), float(step_windows)]
                 )
-                if not valid.any():
-                    ce = logits.sum() * 0.0
-                # Normalise by the global count of labelled tokens in this optimizer step; DeepSpeed
-                # averages gradients over ranks, hence the factor `world`.
-                loss = ce * world / max(1, plan.labelled[s])
-                engine.backward(loss, scale_wrt_gas=False)
-                engine.step()
-                step_loss += float(ce.detach())
-            progress.step_in_epoch = s + 1
-            progress.global_step += 1
-            step_loss, step_tokens_all, step_windows_all = all_sum(
-                [step_loss, float(step_tokens), float(step_windows)]
-            )
-            progress.tokens_seen += int(step_tokens_all)
-            progress.windows_seen += int(step_windows_all)
-            progress.epoch_loss += step_loss
-            progress.epoch_labelled += plan.labelled[s]
-            progress.train_seconds += time.monotonic() - t0
-            window_loss += step_loss
-            window_labelled += plan.labelled[s]
-            window_tokens += step_tokens_all
-            gs = progress.global_step
-            lr = float(engine.get_lr()[0])
-            if gs % tc.log_every == 0 or gs == total_steps:
-                elapsed = time.monotonic() - window_t0
-                rec = {
-                    "type": "train",
-                    "step": gs,
-                    "epoch": round(epoch + (s + 1) / len(plan.steps), 4),
-                    "loss": window_loss / max(1.0, window_labelled),
-                    "learning_rate": lr,
-                    "grad_norm": _grad_norm(engine),
-                    "tokens_per_second": window_tokens / max(1e-9, elapsed),
-                    "tokens_seen": progress.tokens_seen,
-                }
-                log_record(rec)
-                view.update(gs, rec["loss"], rec["tokens_per_second"], lr)
-                window_loss, window_labelled, window_tokens, window_t0 = 0.0, 0.0, 0.0, time.monotonic()
-            end_of_epoch = s + 1 == len(plan.steps)
-            stop = gs >= total_steps
-            if end_of_epoch:
-                progress.epoch, progress.step_in_epoch = epoch + 1, 0
-            do_eval = end_of_epoch or stop or (tc.eval_every is not None and gs % tc.eval_every == 0)
-            if do_eval:
-                _evaluate_and_save(
-                    cfg,
-                    splits,
-                    evaluate,
-                    save_checkpoint,
-                    export_best,
-                    log_record,
-                    progress,
-                    epoch + (s + 1) / len(plan.steps),
-                    view,
-                    report,
-                    run_dir,
-                    files,
-                )
-            elif tc.save_every is not None and gs % tc.save_every == 0:
-                ckpt = save_checkpoint(None)
-                if report is not None:
-                    report({"step": gs}, ckpt)
-            if stop:
-                break
-        epoch += 1
-    view.close()
-    store.wait()
+                progress.tokens_seen += int(step_tokens_all)
+                progress.windows_seen += int(step_windows_all)
+                progress.epoch_loss += step_loss
+                progress.epoch_labelled += plan.labelled[s]
+                progress.train_seconds += time.monotonic() - t0
+                window_loss += step_loss
+                window_labelled += plan.labelled[s]
+                window_tokens += step_tokens_all
+                gs = progress.global_step
+                lr = float(engine.get_lr()[0])
+                if gs % tc.log_every == 0 or gs == total_steps:
+                    elapsed = time.monotonic() - window_t0
+                    rec = {
+                        "type": "train",
+                        "step": gs,
+                        "epoch": round(epoch + (s + 1) / len(plan.steps), 4),
+                        "loss": window_loss / max(1.0, window_labelled),
+                        "learning_rate": lr,
+                        "grad_norm": _grad_norm(engine),
+                        "tokens_per_second": window_tokens / max(1e-9, elapsed),
+                        "tokens_seen": progress.tokens_seen,
+                    }
+                    log_record(rec)
+                    view.update(gs, rec["loss"], rec["tokens_per_second"], lr)
+                    window_loss, window_labelled, window_tokens, window_t0 = 0.0, 0.0, 0.0, time.monotonic()
+                end_of_epoch = s + 1 == len(plan.steps)
+                stop = gs >= total_steps
+                if end_of_epoch:
+                    progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                do_eval = end_of_epoch or stop or (tc.eval_every is not None and gs % tc.eval_every == 0)
+                if do_eval:
+                    _evaluate_and_save(
+                        cfg,
+                        splits,
+                        evaluate,
+                        save_checkpoint,
+                        export_best,
+                        log_record,
+                        progress,
+                        epoch + (s + 1) / len(plan.steps),
+                        view,
+                        report,
+                        run_dir,
+                        files,
+                    )
+                elif tc.save_every is not None and gs % tc.save_every == 0:
+                    ckpt = save_checkpoint(None)
+                    if report is not None:
+                        report({"step": gs}, ckpt)
+                if stop:
+                    break
+            epoch += 1
+        view.close()
+        store.wait()
 
-    # ---- finish: test with the best model, results.json, model card
-    results = _finish(cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, files, resumed_from)
-    store.wait()
-    files.wait()
-    store.close()
-    return results if is_rank_zero() else None
+        # ---- finish: test with the best model, results.json, model card
+        results = _finish(
+            cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, files, resumed_from
+        )
+        store.wait()
+        files.wait()
+        store.close()
+        return results if is_rank_zero() else None
+    finally:
+        # On any exit, finish the uploads already under way (nothing lost), then free the run.
+        for closer in (store.close, files.wait):
+            try:
+                closer()
+            except Exception as e:  # the run's own error (if any) is the one to report
+                log.warning("%s", e)
+        if lock is not None:
+            lock.release()
 
 
 def _evaluate_and_save(
@@ -599,11 +621,29 @@ def _check_labels(split: Split, label2id: dict[str, int]) -> None:
                 )
 
 
-def _guard_resume(ckpt: Path, labels: list[str], cfg: Config) -> None:
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition (vocabulary, normaliser, specials)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _guard_resume(ckpt: Path, labels: list[str], tokenizer_sha: str, cfg: Config) -> None:
+    """Refuse to resume a run whose labels, tokenizer or training config differ from this one's."""
     import json
 
     import yaml
 
+    stored_tok = (
+        (ckpt / "tokenizer.sha256").read_text().strip() if (ckpt / "tokenizer.sha256").exists() else None
+    )
+    if stored_tok is not None and stored_tok != tokenizer_sha:
+        raise ConfigError(
+            f"cannot resume run {cfg.run.name!r}: the tokenizer of {cfg.model.name_or_path!r} differs from the "
+            f"stored run's (sha256 {stored_tok[:12]} -> {tokenizer_sha[:12]}); set run.new_run=true to start over"
+        )
     stored = json.loads((ckpt / "labels.json").read_text())
     if stored != labels:
         raise ConfigError(

@@ -1,0 +1,283 @@
+"""Training runs against a real S3-compatible server: outputs in the bucket, resume from it, outages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from raytag.trainer.config import load_config, to_dict
+from tests.s3_server import S3TestServer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SMALL = [
+    "data.max_train_samples=120",
+    "data.max_eval_samples=40",
+    "train.batch_tokens=512",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture
+def aws(s3_server: S3TestServer, monkeypatch: pytest.MonkeyPatch) -> S3TestServer:
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.aws_env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+def keys(server: S3TestServer, bucket: str, prefix: str) -> list[str]:
+    out, token = [], None
+    client = server.client()
+    while True:
+        kw = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = client.list_objects_v2(**kw)
+        out += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return sorted(out)
+        token = page["NextContinuationToken"]
+
+
+def get(server: S3TestServer, bucket: str, key: str) -> bytes:
+    return server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def staging(name: str) -> Path:
+    return Path(tempfile.gettempdir()) / "raytag-staging" / name
+
+
+def train(storage: str, name: str, *overrides: str) -> dict:
+    from raytag.trainer.loop import train_loop
+
+    cfg = load_config(DEMO, [f"run.storage={storage}", f"run.name={name}", *SMALL, *overrides])
+    return train_loop(to_dict(cfg))
+
+
+def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(aws, monkeypatch):
+    bucket = aws.make_bucket()
+    storage = f"s3://{bucket}/team/runs"
+    steps = ["train.max_steps=6", "train.eval_every=2", "run.keep_best=3"]
+
+    # The run dies in step 5, after the step-4 checkpoint reached the bucket.
+    import raytag.trainer.loop as loop
+
+    real, calls = loop.collate, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("node preempted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "collate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(storage, "r1", *steps)
+    monkeypatch.setattr(loop, "collate", real)
+    before = keys(aws, bucket, "team/runs/r1/")
+    assert "checkpoints/step-00000004/MANIFEST.json" in before
+    assert "metrics.jsonl" in before and "results.json" not in before
+    # Metrics reached the bucket while the run went (steps 1-4 logged).
+    logged = [json.loads(x) for x in get(aws, bucket, "team/runs/r1/metrics.jsonl").decode().splitlines()]
+    assert {r["step"] for r in logged if r["type"] == "train"} >= {1, 2, 3, 4}
+    assert "LOCK.json" not in before  # released when the process ended
+
+    # A new machine: nothing local. The same command resumes from the bucket.
+    shutil.rmtree(staging("r1"), ignore_errors=True)
+    res = train(storage, "r1", *steps)
+    assert res["resumed_from"] == "step-00000004"
+    assert res["global_steps"] == 6
+    after = keys(aws, bucket, "team/runs/r1/")
+    for key in [
+        "metrics.jsonl",
+        "results.json",
+        "config.yaml",
+        "labels.json",
+        "predictions/validation.txt",
+        "predictions/test.txt",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/README.md",
+        "model/tokenizer.json",
+        "checkpoints/step-00000006/MANIFEST.json",
+    ]:
+        assert key in after, key
+    steps_logged = [
+        json.loads(x)["step"]
+        for x in get(aws, bucket, "team/runs/r1/metrics.jsonl").decode().splitlines()
+        if json.loads(x)["type"] == "train"
+    ]
+    assert steps_logged == [1, 2, 3, 4, 5, 6]  # history kept across machines, each step once
+    results = json.loads(get(aws, bucket, "team/runs/r1/results.json"))
+    assert results["resumed_from"] == "step-00000004"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in get(aws, bucket, "team/runs/r1/config.yaml").decode()
+
+    # Finished: a rerun says so instead of training again.
+    again = train(storage, "r1", *steps)
+    assert again["global_steps"] == 6
+
+
+def test_resume_skips_a_checkpoint_with_a_broken_manifest(aws, monkeypatch, caplog):
+    bucket = aws.make_bucket()
+    storage = f"s3://{bucket}/runs"
+    steps = ["train.max_steps=8", "train.eval_every=2", "run.keep_best=5"]
+    import raytag.trainer.loop as loop
+
+    real, calls = loop.collate, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "collate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(storage, "r2", *steps)
+    monkeypatch.setattr(loop, "collate", real)
+    complete = sorted(
+        {k.split("/")[0] for k in keys(aws, bucket, "runs/r2/checkpoints/") if k.endswith("MANIFEST.json")}
+    )
+    assert len(complete) >= 3, complete
+    newest, second, third = complete[-1], complete[-2], complete[-3]
+    client = aws.client()
+    client.put_object(Bucket=bucket, Key=f"runs/r2/checkpoints/{newest}/MANIFEST.json", Body=b"{not json")
+    client.delete_object(Bucket=bucket, Key=f"runs/r2/checkpoints/{second}/MANIFEST.json")
+    shutil.rmtree(staging("r2"), ignore_errors=True)
+    caplog.set_level("INFO")
+    res = train(storage, "r2", *steps)
+    assert res["resumed_from"] == third
+    assert f"skipping checkpoint {newest}: corrupt manifest" in caplog.text
+    assert f"skipping checkpoint {second}: no MANIFEST.json" in caplog.text
+
+
+def test_resume_refuses_a_changed_config_and_a_second_writer(aws):
+    from raytag.cluster.runlock import RunLock, RunLockedError
+    from raytag.cluster.storage import open_storage
+    from raytag.trainer.config import ConfigError
+
+    bucket = aws.make_bucket()
+    storage = f"s3://{bucket}/runs"
+    import raytag.trainer.loop as loop
+
+    real = loop.collate
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    loop.collate = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(storage, "r3", "train.max_steps=4", "train.save_every=2")
+    finally:
+        loop.collate = real
+    with pytest.raises(
+        ConfigError, match=r"config differs from the stored run: train.learning_rate: 0.003 -> 0.001"
+    ):
+        train(storage, "r3", "train.max_steps=4", "train.save_every=2", "train.learning_rate=1e-3")
+    # Another live job holds the run: refused, naming it.
+    other = RunLock(open_storage(storage), "r3", owner="other-host:42:abcd")
+    other.acquire()
+    try:
+        with pytest.raises(RunLockedError, match=r"being written by another job \(other-host:42:abcd"):
+            train(storage, "r3", "train.max_steps=4", "train.save_every=2")
+    finally:
+        other.release()
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "trainer" / "main.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize("problem", ["wrong_secret", "unknown_bucket", "nothing_listens"])
+def test_storage_mistakes_fail_before_training(s3_server: S3TestServer, problem, tmp_path):
+    from tests.s3_server import free_ports
+
+    bucket = s3_server.make_bucket()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(s3_server.aws_env())
+    if problem == "wrong_secret":
+        env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret-Zq81xw"
+    elif problem == "unknown_bucket":
+        bucket = "no-such-bucket-here"
+    else:
+        env["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{free_ports(1)[0]}"
+    start = time.monotonic()
+    r = _cli(["--config", str(DEMO), f"run.storage=s3://{bucket}/p", "run.name=x"], env)
+    took = time.monotonic() - start
+    assert r.returncode == 2, r.stderr
+    err_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("raytag: error:")]
+    assert len(err_lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert bucket in err_lines[0]
+    assert "step 1/" not in r.stderr  # no training step ran
+    assert took < 30 + 15, took  # the check itself is bounded (<30 s); the rest is Python start-up
+    for secret in (env["AWS_SECRET_ACCESS_KEY"], s3_server.secret_key):
+        assert secret not in r.stderr + r.stdout
+
+
+def test_server_outage_mid_run(aws, tmp_path):
+    """The server dies mid-run and comes back: the run finishes with every kept checkpoint complete."""
+    if not aws.can_restart:
+        pytest.skip("the S3 server is external: this test cannot stop it")
+    bucket = aws.make_bucket()
+    # A fresh process: not this test process's torch.distributed variables (its port is taken).
+    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        str(ROOT / "trainer" / "main.py"),
+        "--config",
+        str(DEMO),
+        f"run.storage=s3://{bucket}/o",
+        "run.name=outage",
+        *SMALL,
+        "train.max_steps=40",
+        "train.save_every=4",
+        "run.keep_best=0",
+        "data.max_train_samples=400",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not any("saved checkpoint step-00000004" in ln for ln in out):
+        time.sleep(0.2)
+    aws.stop(kill=True)
+    time.sleep(4)
+    aws.start()
+    proc.wait(timeout=600)
+    reader.join(timeout=10)
+    text = "".join(out)
+    if proc.returncode == 0:
+        found = keys(aws, bucket, "o/outage/")
+        ckpts = {k.split("/")[1] for k in found if k.startswith("checkpoints/")}
+        assert ckpts and all(f"checkpoints/{c}/MANIFEST.json" in found for c in ckpts), found
+        assert "results.json" in found
+    else:
+        assert "raytag: error: checkpoint step-" in text and "was not saved" in text, text[-3000:]
