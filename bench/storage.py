@@ -453,11 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mb < 1 or args.rounds < 1 or args.steps < 1:
         ap.error("--size-mb, --rounds and --steps must be positive")
 
+    if not args.skip_steps:
+        import torch  # noqa: F401  (now: a Ctrl-C inside this long import may be swallowed)
     signal.signal(signal.SIGTERM, _interrupt)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = Path(tempfile.mkdtemp(prefix="raytag-bench-storage-"))
     target: Target | None = None
-    rc = 0
+    rc = 1  # until the run ends well
     load_start = os.getloadavg()
     try:
         target = open_target(args, work)
@@ -504,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         out_file = OUT / f"storage-{stamp}.json"
         out_file.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out_file.relative_to(REPO)}")
+        rc = 0
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
         rc = 130

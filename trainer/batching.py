@@ -33,22 +33,22 @@ def plan_batches(
     An item longer than the budget gets a batch of its own. Deterministic in (seed, epoch).
     Every index appears in exactly one batch.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    n = len(lengths)
+    lens = np.asarray(lengths, dtype=np.int64)
+    n = len(lens)
     if n == 0:
         return []
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n) if shuffle else np.arange(n)
-    mean_len = max(1.0, float(lengths.mean()))
+    mean_len = max(1.0, float(lens.mean()))
     pool = max(1, int(POOL_BATCHES * batch_tokens / mean_len))
     batches: list[list[int]] = []
     for p0 in range(0, n, pool):
         idx = order[p0 : p0 + pool]
-        idx = idx[np.argsort(lengths[idx], kind="stable")]
+        idx = idx[np.argsort(lens[idx], kind="stable")]
         cur: list[int] = []
         longest = 0
         for i in idx.tolist():
-            li = int(lengths[i])
+            li = int(lens[i])
             new_longest = max(longest, li)
             if cur and (new_longest * (len(cur) + 1) > batch_tokens or len(cur) >= max_sentences):
                 batches.append(cur)

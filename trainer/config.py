@@ -335,6 +335,6 @@ def describe_keys() -> str:
     for section in dataclasses.fields(Config):
         sec_cls = typing.get_type_hints(Config)[section.name]
         for f in dataclasses.fields(sec_cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             lines.append(f"  {section.name}.{f.name} = {default!r}")
     return "\n".join(lines)

@@ -8,7 +8,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conll import ConllError, ConllFile, Sentence, label_list, read_conll
+from .config import ConfigError
+from .conll import ConllFile, Sentence, label_list, read_conll
 
 log = logging.getLogger("raytag")
 
@@ -106,8 +107,8 @@ def make_labels(train: Split | None, configured: list[str] | None) -> list[str]:
     """The label set: as configured, else from the training data (O first, then B-/I- per type)."""
     if configured:
         if "O" not in configured:
-            raise ConllError(f"data.labels: the label set must contain 'O', got {configured}")
+            raise ConfigError(f"data.labels: the label set must contain 'O', got {configured}")
         return list(configured)
     if train is None:
-        raise ConllError("data.train: no training data and no data.labels: cannot know the label set")
+        raise ConfigError("data.train: no training data and no data.labels: cannot know the label set")
     return label_list(train.sentences)

@@ -122,7 +122,8 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
     ds_config = deepspeed_config(spec)
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue

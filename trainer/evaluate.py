@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def finish(
     ordered = [preds[i] for i in range(len(encoded.windows))]
     per_sentence = stitch(encoded, ordered)
     pred_tags = [[id2label[int(t)] for t in arr] for arr in per_sentence]
-    metrics = score(gold_tags, pred_tags)
+    metrics: dict[str, Any] = dict(score(gold_tags, pred_tags))
     metrics["loss"] = loss_sum / max(1, count)
     metrics["sentences"] = encoded.num_sentences
     return EvalResult(metrics=metrics, pred_tags=pred_tags)

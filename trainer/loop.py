@@ -277,9 +277,9 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
             merged: dict[int, np.ndarray] = {}
             for part in gather_objects(preds):
                 merged.update(part)
-            loss_sum, count = all_sum([loss_sum, float(count)])
+            total_loss, total_count = all_sum([loss_sum, float(count)])
             engine.module.train()
-            return finish(enc, merged, splits[name].tags, labels, loss_sum, int(count))
+            return finish(enc, merged, splits[name].tags, labels, total_loss, int(total_count))
 
         def save_checkpoint(eval_metrics: dict[str, Any] | None) -> Path:
             name = f"step-{progress.global_step:08d}"
@@ -373,18 +373,20 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
                 lr = float(engine.get_lr()[0])
                 if gs % tc.log_every == 0 or gs == total_steps:
                     elapsed = time.monotonic() - window_t0
-                    rec = {
+                    mean_loss = window_loss / max(1.0, window_labelled)
+                    tok_s = window_tokens / max(1e-9, elapsed)
+                    rec: dict[str, Any] = {
                         "type": "train",
                         "step": gs,
                         "epoch": round(epoch + (s + 1) / len(plan.steps), 4),
-                        "loss": window_loss / max(1.0, window_labelled),
+                        "loss": mean_loss,
                         "learning_rate": lr,
                         "grad_norm": _grad_norm(engine),
-                        "tokens_per_second": window_tokens / max(1e-9, elapsed),
+                        "tokens_per_second": tok_s,
                         "tokens_seen": progress.tokens_seen,
                     }
                     log_record(rec)
-                    view.update(gs, rec["loss"], rec["tokens_per_second"], lr)
+                    view.update(gs, mean_loss, tok_s, lr)
                     window_loss, window_labelled, window_tokens, window_t0 = 0.0, 0.0, 0.0, time.monotonic()
                 end_of_epoch = s + 1 == len(plan.steps)
                 stop = gs >= total_steps
@@ -616,8 +618,9 @@ def _check_labels(split: Split, label2id: dict[str, int]) -> None:
         for i, tag in enumerate(sent.tags):
             if tag not in label2id:
                 raise ConllError(
-                    f"{split.path}:{sent.line + i}: label '{tag}' does not occur in the training "
-                    f"data's label set ({', '.join(label2id)})"
+                    split.path,
+                    sent.line + i,
+                    f"label '{tag}' does not occur in the training data's label set ({', '.join(label2id)})",
                 )
 
 

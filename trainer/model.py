@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ def load_model(name_or_path: str, labels: list[str], tokenizer, seed: int, dropo
 
     id2label = dict(enumerate(labels))
     label2id = {v: k for k, v in id2label.items()}
-    extra = {}
+    extra: dict[str, Any] = {}
     if dropout is not None:
         extra = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     if name_or_path == TINY:

@@ -85,4 +85,4 @@ def predict(
     finally:
         if out is not sys.stdout:
             out.close()
-    return score(gold, pred_tags) if gold is not None else {}
+    return dict(score(gold, pred_tags)) if gold is not None else {}
