@@ -22,7 +22,7 @@ Prints the figures (it asserts nothing about time) and writes them to
 bench/out/storage-<stamp>.json. Removes its temporary data and stops the server it started
 at the end, on Ctrl-C and on SIGTERM too.
 
-    python bench/storage.py                              # 500 MB, 3 rounds, local SeaweedFS
+    python bench/storage.py                              # 600 MB, 3 rounds, local SeaweedFS
     python bench/storage.py --size-mb 100 --rounds 1 --steps 10          # smoke run
     RAYTAG_BENCH_S3_ENDPOINT=https://s3.example.com AWS_ACCESS_KEY_ID=... \\
         AWS_SECRET_ACCESS_KEY=... python bench/storage.py                 # an external endpoint
@@ -260,6 +260,22 @@ def time_manifest(folder: Path) -> float:
     return time.perf_counter() - start
 
 
+def server_cpu_s() -> float:
+    """CPU seconds used so far by this process's children (the server started here); 0 without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
 def upload_rounds(args: argparse.Namespace, target: Target, folder: Path, sizes: dict[str, int]) -> dict:
     """Alternate boto3 and raytag uploads for ``args.rounds`` rounds; return the figures."""
     client = target.boto3_client()
@@ -275,12 +291,16 @@ def upload_rounds(args: argparse.Namespace, target: Target, folder: Path, sizes:
     for index in range(1, args.rounds + 1):
         order = ["boto3", "raytag"] if index % 2 else ["raytag", "boto3"]
         seconds: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         for side in order:
             rel_prefix = f"{side}-{index}"
+            client_cpu, server_cpu = time.process_time(), server_cpu_s()
             if side == "boto3":
                 seconds[side] = upload_boto3(target, client, folder, files, rel_prefix)
             else:
                 seconds[side] = upload_raytag(target, storage, folder, rel_prefix, log)
+            cpu[f"{side}_client_cpu_s"] = time.process_time() - client_cpu
+            cpu[f"{side}_server_cpu_s"] = server_cpu_s() - server_cpu
             storage.delete_prefix(rel_prefix)  # keep the server's disk small; not timed
         hash_s = time_manifest(folder)
         row = {
@@ -293,6 +313,7 @@ def upload_rounds(args: argparse.Namespace, target: Target, folder: Path, sizes:
             "raytag_mb_s": total / MB / seconds["raytag"],
             "ratio": seconds["boto3"] / seconds["raytag"],
             "hash_share": hash_s / seconds["raytag"],
+            **cpu,
         }
         rounds.append(row)
         print(
@@ -304,6 +325,7 @@ def upload_rounds(args: argparse.Namespace, target: Target, folder: Path, sizes:
     boto3_s = statistics.mean(r["boto3_s"] for r in rounds)
     raytag_s = statistics.mean(r["raytag_s"] for r in rounds)
     hash_s = statistics.mean(r["hash_s"] for r in rounds)
+    cpu_keys = [f"{side}_{where}_cpu_s" for side in ("boto3", "raytag") for where in ("client", "server")]
     return {
         "bytes": total,
         "files": sizes,
@@ -317,6 +339,7 @@ def upload_rounds(args: argparse.Namespace, target: Target, folder: Path, sizes:
             "raytag_without_hash_mb_s": total / MB / max(raytag_s - hash_s, 1e-9),
             "ratio": boto3_s / raytag_s,
             "hash_share": hash_s / raytag_s,
+            **{key: statistics.mean(r[key] for r in rounds) for key in cpu_keys},
         },
         "boto3_transfer": "TransferConfig() defaults",
         "raytag_transfer": "S3Storage defaults, CheckpointStore(max_workers=4)",
@@ -437,7 +460,7 @@ def _version(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mb", type=int, default=500, help="checkpoint size in MB (default 500)")
+    ap.add_argument("--size-mb", type=int, default=600, help="checkpoint size in MB (default 600)")
     ap.add_argument("--rounds", type=int, default=3, help="boto3/raytag upload rounds (default 3)")
     ap.add_argument("--steps", type=int, default=40, help="training steps per measurement (default 40)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (all cores)")
@@ -537,6 +560,12 @@ def report(target: Target, uploads: dict, steps: dict | None) -> None:
         f"  raytag hashing (sha256 manifest): {mean['hash_s']:.2f} s of {mean['raytag_s']:.2f} s "
         f"({100 * mean['hash_share']:.0f}%); without it {mean['raytag_without_hash_mb_s']:.1f} MB/s"
     )
+    cpu = "   ".join(
+        f"{side} {mean[side + '_client_cpu_s']:.1f} client"
+        + (f" + {mean[side + '_server_cpu_s']:.1f} server" if target.server is not None else "")
+        for side in ("boto3", "raytag")
+    )
+    print(f"  CPU seconds per upload: {cpu}")
     if steps is None:
         return
     print()
