@@ -65,7 +65,7 @@ def _connect() -> None:
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(log_to_driver=True)  # inside `ray job submit`: no num_cpus, the cluster decides
     else:
-        ray.init(include_dashboard=False)
+        ray.init()  # with the dashboard (ray[default]): progress and the state API the Train controller polls
 
 
 def _check_storage_fits_cluster(cfg: Config) -> None:
@@ -79,8 +79,12 @@ def _check_storage_fits_cluster(cfg: Config) -> None:
         )
 
 
-def _preflight(cfg: Config) -> None:
-    """Fail in the driver, in seconds, on what would otherwise fail on every worker after start-up."""
+def _preflight(cfg: Config) -> Config:
+    """Fail in the driver, in seconds, on what would otherwise fail on every worker after start-up.
+
+    Also carries out `run.new_run` here, once: workers get `new_run: false`, so a worker group
+    that Ray restarts resumes the fresh run instead of wiping it again.
+    """
     from raytag.cluster.runlock import RunLock
     from raytag.cluster.storage import open_storage
     from raytag.trainer.loop import _read_splits
@@ -89,6 +93,11 @@ def _preflight(cfg: Config) -> None:
     storage.preflight(create_bucket=cfg.run.create_bucket)
     RunLock(storage, cfg.run.name, cfg.run.owner or "").check()
     _read_splits(cfg)  # bad files, lines and tags surface here, not as N worker crashes
+    if cfg.run.new_run:
+        log.info("run.new_run: removing %s", storage.display(f"{cfg.run.name}/"))
+        storage.delete_prefix(f"{cfg.run.name}/")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, new_run=False))
+    return cfg
 
 
 def _ray_storage(cfg: Config) -> tuple[str, Any]:
@@ -151,7 +160,7 @@ def launch(cfg: Config) -> dict[str, Any] | None:
     # One owner id for the whole Ray run: a worker group that Ray restarts keeps the run's lease.
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, owner=cfg.run.owner or new_owner()))
     sc = cfg.scaling
-    _preflight(cfg)
+    cfg = _preflight(cfg)
     _connect()
     _check_storage_fits_cluster(cfg)
     resources: dict[str, float] = {"CPU": sc.cpus_per_worker if sc.cpus_per_worker is not None else 1}
