@@ -197,3 +197,47 @@ def test_ray_job_submit_two_workers(ray_head, tmp_path):
     )
     assert single["train_tokens"] == results["train_tokens"]  # same sentences, no more, no fewer
     assert abs(single["validation"]["f1"] - results["validation"]["f1"]) < 0.02
+
+
+def test_lost_worker_is_restarted_and_resumes_from_the_checkpoint(tmp_path, monkeypatch):
+    """Rank 1 dies in step 5; Ray restarts the worker group, which resumes from step 4's checkpoint."""
+    import ray
+
+    from raytag.launcher.ray_launcher import launch
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("RAYTAG_FAULT_INJECT", f"1:5:{marker}")  # inherited by the workers Ray starts
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    for name in (
+        "RAY_ADDRESS",
+        "RAY_JOB_ID",
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"run.storage={tmp_path / 'runs'}",
+            "run.name=lost",
+            "scaling.num_workers=2",
+            "scaling.max_failures=1",
+            "train.max_steps=8",
+            "train.save_every=4",
+            *[c for c in COMMON if not c.startswith(("train.max_steps", "train.save_every"))],
+        ],
+    )
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        results = launch(cfg)
+    finally:
+        ray.shutdown()
+    assert marker.exists(), "the fault was never injected"
+    assert results is not None and results["global_steps"] == 8
+    assert results["resumed_from"] == "step-00000004"
+    steps = sorted(_losses(tmp_path / "runs" / "lost"))
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # each step logged once across both attempts

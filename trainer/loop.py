@@ -329,6 +329,7 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
         while not stop:
             plan = epoch_plan(epoch)
             for s in range(progress.step_in_epoch, len(plan.steps)):
+                _inject_fault(rank, progress.global_step + 1)
                 t0 = time.monotonic()
                 step_loss, step_tokens, step_windows = 0.0, 0, 0
                 for micro in plan.steps[s]:
@@ -667,6 +668,19 @@ def _guard_resume(ckpt: Path, labels: list[str], tokenizer_sha: str, cfg: Config
             f"cannot resume run {cfg.run.name!r}: config differs from the stored run: "
             f"{'; '.join(diffs)} (set run.new_run=true to start over, or use another run.name)"
         )
+
+
+def _inject_fault(rank: int, step: int) -> None:
+    """Failure-recovery testing: RAYTAG_FAULT_INJECT="RANK:STEP:MARKER" kills that rank's process
+    once, at the start of that step (the marker file records that it happened). Unset: nothing."""
+    spec = os.environ.get("RAYTAG_FAULT_INJECT")
+    if not spec:
+        return
+    want_rank, want_step, marker = spec.split(":", 2)
+    if rank == int(want_rank) and step == int(want_step) and not Path(marker).exists():
+        Path(marker).write_text(f"rank {rank} killed at step {step}\n")
+        log.warning("RAYTAG_FAULT_INJECT: killing rank %d at step %d", rank, step)
+        os._exit(17)
 
 
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng-rank)(\d+)")
