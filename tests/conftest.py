@@ -1,3 +1,3 @@
 """Shared pytest set-up for raytag's tests."""
 
-from tests.s3_server import s3_server  # noqa: F401  (registers the session fixture)
+from tests.s3_server import aws_env, s3_server  # noqa: F401  (registers the fixtures)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from raytag.trainer.config import load_config, to_dict
+from tests.helpers import RUN_OUTPUTS, kill_training_at_micro_batch
 from tests.s3_server import S3TestServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +32,8 @@ SMALL = [
 
 
 @pytest.fixture
-def aws(s3_server: S3TestServer, monkeypatch: pytest.MonkeyPatch) -> S3TestServer:
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in s3_server.aws_env().items():
-        monkeypatch.setenv(name, value)
-    return s3_server
+def aws(aws_env: S3TestServer) -> S3TestServer:
+    return aws_env  # boto3's standard variables point at the test server
 
 
 def keys(server: S3TestServer, bucket: str, prefix: str) -> list[str]:
@@ -72,20 +69,10 @@ def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(aws,
     steps = ["train.max_steps=6", "train.eval_every=2", "run.keep_best=3"]
 
     # The run dies in step 5, after the step-4 checkpoint reached the bucket.
-    import raytag.trainer.loop as loop
-
-    real, calls = loop.collate, {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("node preempted")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "collate", dying)
+    restore = kill_training_at_micro_batch(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(storage, "r1", *steps)
-    monkeypatch.setattr(loop, "collate", real)
+    restore()
     before = keys(aws, bucket, "team/runs/r1/")
     assert "checkpoints/step-00000004/MANIFEST.json" in before
     assert "metrics.jsonl" in before and "results.json" not in before
@@ -100,19 +87,7 @@ def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(aws,
     assert res["resumed_from"] == "step-00000004"
     assert res["global_steps"] == 6
     after = keys(aws, bucket, "team/runs/r1/")
-    for key in [
-        "metrics.jsonl",
-        "results.json",
-        "config.yaml",
-        "labels.json",
-        "predictions/validation.txt",
-        "predictions/test.txt",
-        "model/config.json",
-        "model/model.safetensors",
-        "model/README.md",
-        "model/tokenizer.json",
-        "checkpoints/step-00000006/MANIFEST.json",
-    ]:
+    for key in RUN_OUTPUTS + ["checkpoints/step-00000006/MANIFEST.json"]:
         assert key in after, key
     steps_logged = [
         json.loads(x)["step"]
@@ -133,20 +108,10 @@ def test_resume_skips_a_checkpoint_with_a_broken_manifest(aws, monkeypatch, capl
     bucket = aws.make_bucket()
     storage = f"s3://{bucket}/runs"
     steps = ["train.max_steps=8", "train.eval_every=2", "run.keep_best=5"]
-    import raytag.trainer.loop as loop
-
-    real, calls = loop.collate, {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("lost")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "collate", dying)
+    restore = kill_training_at_micro_batch(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train(storage, "r2", *steps)
-    monkeypatch.setattr(loop, "collate", real)
+    restore()
     complete = sorted(
         {k.split("/")[0] for k in keys(aws, bucket, "runs/r2/checkpoints/") if k.endswith("MANIFEST.json")}
     )
@@ -163,30 +128,17 @@ def test_resume_skips_a_checkpoint_with_a_broken_manifest(aws, monkeypatch, capl
     assert f"skipping checkpoint {second}: no MANIFEST.json" in caplog.text
 
 
-def test_resume_refuses_a_changed_config_and_a_second_writer(aws):
+def test_resume_refuses_a_changed_config_and_a_second_writer(aws, monkeypatch):
     from raytag.cluster.runlock import RunLock, RunLockedError
     from raytag.cluster.storage import open_storage
     from raytag.trainer.config import ConfigError
 
     bucket = aws.make_bucket()
     storage = f"s3://{bucket}/runs"
-    import raytag.trainer.loop as loop
-
-    real = loop.collate
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    loop.collate = dying
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(storage, "r3", "train.max_steps=4", "train.save_every=2")
-    finally:
-        loop.collate = real
+    restore = kill_training_at_micro_batch(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(storage, "r3", "train.max_steps=4", "train.save_every=2")
+    restore()
     with pytest.raises(
         ConfigError, match=r"config differs from the stored run: train.learning_rate: 0.003 -> 0.001"
     ):

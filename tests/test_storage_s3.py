@@ -25,16 +25,6 @@ def bucket(s3_server: S3TestServer) -> str:
     return s3_server.make_bucket()
 
 
-@pytest.fixture
-def aws_env(s3_server: S3TestServer, monkeypatch: pytest.MonkeyPatch) -> S3TestServer:
-    """Point boto3's standard environment variables at the test server."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in s3_server.aws_env().items():
-        monkeypatch.setenv(name, value)
-    return s3_server
-
-
 def s3(server: S3TestServer, bucket: str, prefix: str = "pre/fix", **kwargs: Any) -> S3Storage:
     """An S3Storage on the test server with explicit credentials."""
     return S3Storage(

@@ -12,6 +12,7 @@ import torch
 
 from raytag.trainer.config import load_config, to_dict
 from raytag.trainer.loop import train_loop
+from tests.helpers import RUN_OUTPUTS, kill_training_at_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -71,20 +72,10 @@ def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch):
     assert sorted(straight) == [1, 2, 3, 4]
 
     # The same run, killed during step 3 (after the step-2 checkpoint) ...
-    import raytag.trainer.loop as loop
-
-    real_collate, calls = loop.collate, {"n": 0}
-
-    def dying_collate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("worker lost")
-        return real_collate(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "collate", dying_collate)
+    restore = kill_training_at_micro_batch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "resumed", *common)
-    monkeypatch.setattr(loop, "collate", real_collate)
+    restore()
     assert not (tmp_path / "resumed" / "results.json").exists()
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-00000002"]
 
@@ -110,19 +101,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_learns_and_writes_every_output(demo_run):
     run_dir, res = demo_run
-    for rel in [
-        "metrics.jsonl",
-        "results.json",
-        "config.yaml",
-        "labels.json",
-        "predictions/validation.txt",
-        "predictions/test.txt",
-        "model/config.json",
-        "model/model.safetensors",
-        "model/README.md",
-        "model/tokenizer.json",
-        "model/raytag.json",
-    ]:
+    for rel in RUN_OUTPUTS:
         assert (run_dir / rel).exists(), rel
     results = json.loads((run_dir / "results.json").read_text())
     for split in ("validation", "test"):
