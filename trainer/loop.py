@@ -510,6 +510,13 @@ def _finish(cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, f
         and progress.best_step != progress.global_step
     ):
         if cfg.train.zero_stage < 3:
+            # Rank 0 exported the best model on its node; a rank on another node fetches it.
+            if is_rank_zero():
+                files.wait()
+            barrier()
+            weights = best_dir / "model.safetensors"
+            if not weights.exists():
+                files.storage.get_file(f"{cfg.run.name}/model/model.safetensors", weights)
             _load_exported(engine, best_dir)
         else:
             log.warning("ZeRO-3: test uses the final weights, not the best checkpoint's")
