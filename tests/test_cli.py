@@ -143,3 +143,23 @@ def test_hf_dataset_rows_become_iob2_sentences():
     split = from_hf_dataset(ds, "toy:train", limit=2)
     assert [s.words for s in split.sentences] == [("Anna", "Berg", "flew"), ("to", "Oslo")]
     assert [s.tags for s in split.sentences] == [("B-PER", "I-PER", "O"), ("O", "B-LOC")]
+
+
+def test_log_lines_never_show_the_secret_key():
+    code = (
+        "import logging\n"
+        "from raytag.trainer.cli import setup_logging\n"
+        "from raytag.trainer.progress import ProgressView\n"
+        "setup_logging()\n"
+        "logging.getLogger('raytag').info('endpoint said: bad key %s', 'Sekr3t-Value-x9')\n"
+        "import raytag.trainer.progress as p\n"
+        "p.sys.stderr.isatty = lambda: True\n"
+        "view = ProgressView(4, 0, True, 1)  # the terminal bar reroutes logging: still filtered\n"
+        "logging.getLogger('raytag').info('during the bar: Sekr3t-Value-x9')\n"
+        "view.close()\n"
+    )
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "Sekr3t-Value-x9"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "endpoint said: bad key ***" in r.stderr and "during the bar: ***" in r.stderr
+    assert "Sekr3t-Value-x9" not in r.stderr + r.stdout

@@ -40,10 +40,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+class RedactSecrets(logging.Filter):
+    """Strip known secret values (the AWS secret key, session token) from every log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from raytag.cluster.storage import redact
+
+        text = record.getMessage()
+        clean = redact(text)
+        if clean != text:
+            record.msg, record.args = clean, ()
+        return True
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s raytag %(levelname)s %(message)s", stream=sys.stderr
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -83,8 +83,18 @@ class ProgressView:
         self.initial = initial
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+            # Log lines (checkpoint uploads run in another thread) print above the bar, not through it.
+            root = logging.getLogger()
+            filters = [f for h in root.handlers for f in h.filters]  # e.g. the secret-redacting filter
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+            for handler in root.handlers:
+                for flt in filters:
+                    if flt not in handler.filters:
+                        handler.addFilter(flt)
 
     def update(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
         if not self.enabled:
@@ -119,6 +129,7 @@ class ProgressView:
 
     def close(self) -> None:
         if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
 
 
