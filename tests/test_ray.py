@@ -199,12 +199,15 @@ def test_ray_job_submit_two_workers(ray_head, tmp_path):
     assert abs(single["validation"]["f1"] - results["validation"]["f1"]) < 0.02
 
 
-def test_lost_worker_is_restarted_and_resumes_from_the_checkpoint(tmp_path, monkeypatch):
-    """Rank 1 dies in step 5; Ray restarts the worker group, which resumes from step 4's checkpoint."""
+@pytest.mark.integration
+def test_lost_worker_is_restarted_and_resumes_from_the_bucket(aws_env, tmp_path, monkeypatch):
+    """2 workers on S3 storage; rank 1 dies in step 5; Ray restarts the group, which resumes from
+    step 4's checkpoint in the bucket (both ranks' shards uploaded by their own rank, one manifest)."""
     import ray
 
     from raytag.launcher.ray_launcher import launch
 
+    bucket = aws_env.make_bucket()
     marker = tmp_path / "killed"
     monkeypatch.setenv("RAYTAG_FAULT_INJECT", f"1:5:{marker}")  # inherited by the workers Ray starts
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -219,19 +222,21 @@ def test_lost_worker_is_restarted_and_resumes_from_the_checkpoint(tmp_path, monk
         "MASTER_PORT",
     ):
         monkeypatch.delenv(name, raising=False)
+    overrides = [c for c in COMMON if not c.startswith(("train.max_steps", "train.save_every"))]
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",
         [
-            f"run.storage={tmp_path / 'runs'}",
+            f"run.storage=s3://{bucket}/runs",
             "run.name=lost",
             "scaling.num_workers=2",
             "scaling.max_failures=1",
             "train.max_steps=8",
             "train.save_every=4",
-            *[c for c in COMMON if not c.startswith(("train.max_steps", "train.save_every"))],
+            "run.keep_best=2",
+            *overrides,
         ],
     )
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False)  # the workers inherit the AWS_* variables set above
     try:
         results = launch(cfg)
     finally:
@@ -239,5 +244,22 @@ def test_lost_worker_is_restarted_and_resumes_from_the_checkpoint(tmp_path, monk
     assert marker.exists(), "the fault was never injected"
     assert results is not None and results["global_steps"] == 8
     assert results["resumed_from"] == "step-00000004"
-    steps = sorted(_losses(tmp_path / "runs" / "lost"))
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # each step logged once across both attempts
+    client = aws_env.client()
+    body = client.get_object(Bucket=bucket, Key="runs/lost/metrics.jsonl")["Body"].read().decode()
+    steps = [json.loads(x)["step"] for x in body.splitlines() if json.loads(x)["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # each step once across both attempts
+    manifest = json.loads(
+        client.get_object(Bucket=bucket, Key="runs/lost/checkpoints/step-00000008/MANIFEST.json")[
+            "Body"
+        ].read()
+    )
+    names = {f["path"] for f in manifest["files"]}
+    assert {"rng-rank0.pt", "rng-rank1.pt", "progress.json"} <= names
+    assert any("zero_pp_rank_1_" in n for n in names) and any("zero_pp_rank_0_" in n for n in names)
+    listed = {
+        o["Key"][len("runs/lost/checkpoints/step-00000008/") :]
+        for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/lost/checkpoints/step-00000008/")[
+            "Contents"
+        ]
+    }
+    assert names <= listed
