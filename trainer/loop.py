@@ -188,7 +188,8 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
         zero_stage = tc.zero_stage
         if world == 1 and zero_stage in (1, 2) and "zero_optimization" not in tc.deepspeed:
             # ZeRO-1/2 partition optimizer state and gradients across data-parallel workers; with one
-            # worker nothing is partitioned and the flat-buffer copies cost ~40% of step time on CPU.
+            # worker nothing is partitioned and the flat-buffer copies cost time: a step of the 384-wide
+            # offline encoder takes 2.2x as long under ZeRO-2 on CPU (bench/engine_step.py).
             # (An explicit train.deepspeed.zero_optimization still forces the stage.)
             log.info("one worker: ZeRO-%d has nothing to partition, running ZeRO-0", zero_stage)
             zero_stage = 0
