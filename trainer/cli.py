@@ -35,8 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StorageError,
         CheckpointUploadError,
         LaunchError,
-        FileNotFoundError,
-        OSError,
+        OSError,  # files and model folders that cannot be read (FileNotFoundError included)
     )
 
 

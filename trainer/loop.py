@@ -185,15 +185,17 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
         model = load_model(mc.name_or_path, labels, tokenizer, tc.seed, mc.dropout)
         model.to(device)
         precision = resolve_precision(tc.precision, use_gpu)
-        zero_stage = tc.zero_stage
-        if world == 1 and zero_stage in (1, 2) and "zero_optimization" not in tc.deepspeed:
+        forced_stage = (tc.deepspeed.get("zero_optimization") or {}).get("stage")
+        if forced_stage is not None:  # explicit DeepSpeed JSON wins
+            zero_stage = int(forced_stage)
+        elif world == 1 and tc.zero_stage in (1, 2):
             # ZeRO-1/2 partition optimizer state and gradients across data-parallel workers; with one
             # worker nothing is partitioned and the flat-buffer copies cost time: a step of the 384-wide
             # offline encoder takes 2.2x as long under ZeRO-2 on CPU (bench/engine_step.py).
-            # (An explicit train.deepspeed.zero_optimization still forces the stage.)
-            log.info("one worker: ZeRO-%d has nothing to partition, running ZeRO-0", zero_stage)
+            log.info("one worker: ZeRO-%d has nothing to partition, running ZeRO-0", tc.zero_stage)
             zero_stage = 0
-        zero_stage = int((tc.deepspeed.get("zero_optimization") or {}).get("stage", zero_stage))
+        else:
+            zero_stage = tc.zero_stage
         spec = EngineSpec(
             learning_rate=tc.learning_rate,
             weight_decay=tc.weight_decay,
@@ -253,7 +255,7 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
                 "%d worker(s), outputs in %s",
                 rc.name,
                 len(train_enc.windows),
-                train.sentences.__len__(),
+                len(train.sentences),
                 total_steps,
                 steps_per_epoch,
                 len(labels),
@@ -316,7 +318,7 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
                     tokenizer,
                     run_dir / "model",
                     _export_meta(labels, mc),
-                    _card(cfg, labels, splits, progress, history_results),
+                    _card(cfg, spec, labels, splits, progress, history_results),
                 )
                 files.sync_dir("model", run_dir / "model")
 
@@ -422,7 +424,7 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
 
         # ---- finish: test with the best model, results.json, model card
         results = _finish(
-            cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, files, resumed_from
+            cfg, spec, splits, tokenizer, engine, evaluate, progress, labels, run_dir, files, resumed_from
         )
         store.wait()
         files.wait()
@@ -501,7 +503,7 @@ def _evaluate_and_save(
         )
 
 
-def _finish(cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, files, resumed_from):
+def _finish(cfg, spec, splits, tokenizer, engine, evaluate, progress, labels, run_dir, files, resumed_from):
     mc = cfg.model
     # Test (and the final export) use the best model by validation F1.
     best_dir = run_dir / "model"
@@ -510,7 +512,7 @@ def _finish(cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, f
         and progress.best_step is not None
         and progress.best_step != progress.global_step
     ):
-        if cfg.train.zero_stage < 3:
+        if spec.zero_stage < 3:  # the stage the engine runs, not only the configured one
             # Rank 0 exported the best model on its node; a rank on another node fetches it.
             if is_rank_zero():
                 files.wait()
@@ -525,17 +527,13 @@ def _finish(cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, f
     if "validation" in splits and progress.best_metrics:
         results["validation"] = progress.best_metrics
     for name in [n for n in splits if n not in ("train", "validation", "test")]:
-        if progress.history:
-            res = evaluate(name)  # named sets: scored with the best model as well
-            results[name] = res.metrics
-            if is_rank_zero():
-                write_predictions(
-                    run_dir / "predictions" / f"{name}.txt",
-                    splits[name].words,
-                    splits[name].tags,
-                    res.pred_tags,
-                )
-                files.sync(f"predictions/{name}.txt", run_dir / f"predictions/{name}.txt")
+        res = evaluate(name)  # named sets: scored with the best model as well
+        results[name] = res.metrics
+        if is_rank_zero():
+            write_predictions(
+                run_dir / "predictions" / f"{name}.txt", splits[name].words, splits[name].tags, res.pred_tags
+            )
+            files.sync(f"predictions/{name}.txt", run_dir / f"predictions/{name}.txt")
     if "test" in splits:
         res = evaluate("test")
         results["test"] = res.metrics
@@ -547,14 +545,12 @@ def _finish(cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, f
     if "validation" not in splits:  # nothing to pick a best model by: export the final weights
         sd = full_state_dict(engine)
         if is_rank_zero():
-            export_model(
-                engine.module, sd, load_tokenizer(mc.name_or_path), best_dir, _export_meta(labels, mc), ""
-            )
+            export_model(engine.module, sd, tokenizer, best_dir, _export_meta(labels, mc), "")
     if not is_rank_zero():
         return None
     train_seconds = progress.train_seconds
     out = {
-        **{k: v for k, v in results.items()},
+        **results,
         "train_runtime_seconds": round(train_seconds, 3),
         "train_tokens_per_second": progress.tokens_seen / max(1e-9, train_seconds),
         "train_tokens": progress.tokens_seen,
@@ -582,7 +578,7 @@ def _finish(cfg, splits, encoded, engine, evaluate, progress, labels, run_dir, f
         },
     }
     # Rewrite the card with everything known now (test results included).
-    card = _card(cfg, labels, splits, progress, {k: v for k, v in results.items()})
+    card = _card(cfg, spec, labels, splits, progress, results)
     (best_dir / "README.md").write_text(card, encoding="utf-8")
     files.sync_dir("model", run_dir / "model")
     write_json(run_dir / "results.json", out)
@@ -734,7 +730,7 @@ def _export_meta(labels: list[str], mc) -> dict[str, Any]:
     }
 
 
-def _card(cfg: Config, labels, splits, progress: TrainingProgress, results) -> str:
+def _card(cfg: Config, spec: EngineSpec, labels, splits, progress: TrainingProgress, results) -> str:
     tc = cfg.train
     hyper = {
         "learning_rate": tc.learning_rate,
@@ -748,8 +744,8 @@ def _card(cfg: Config, labels, splits, progress: TrainingProgress, results) -> s
         "lr_scheduler": "linear with warm-up",
         "warmup_ratio": tc.warmup_ratio,
         "max_grad_norm": tc.max_grad_norm,
-        "zero_stage": tc.zero_stage,
-        "precision": tc.precision,
+        "zero_stage": spec.zero_stage,  # as run (one worker runs ZeRO-0)
+        "precision": spec.precision,
         "seed": tc.seed,
         "max_length": cfg.model.max_length or "model default",
         "stride": cfg.model.stride,
