@@ -72,6 +72,7 @@ class CheckpointInfo:
     files: list[dict]
     epoch: float | None = None
     created: str = ""
+    meta: dict = field(default_factory=dict)  # e.g. {"best": "step-...", "world": 2}: written by the trainer
 
 
 class CheckpointUploadError(Exception):
@@ -124,6 +125,7 @@ def build_manifest(
     epoch: float | None = None,
     paths: list[str] | None = None,
     peer_files: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    meta: dict | None = None,
 ) -> dict[str, Any]:
     """The manifest of checkpoint folder ``folder``: every file with size and sha256, plus metadata.
 
@@ -132,9 +134,21 @@ def build_manifest(
     checkpoint holds no files.
     """
     files = file_entries(folder, paths) + [dict(e) for e in peer_files]
-    files.sort(key=lambda e: e["path"])
+    return manifest_doc(name, step, metrics, files, epoch, meta)
+
+
+def manifest_doc(
+    name: str,
+    step: int,
+    metrics: dict,
+    files: list[dict[str, Any]],
+    epoch: float | None = None,
+    meta: dict | None = None,
+) -> dict[str, Any]:
+    """A manifest from its parts (file entries sorted by path); raises ValueError when it lists no files."""
+    files = sorted(files, key=lambda e: e["path"])
     if not files:
-        raise ValueError(f"checkpoint folder {folder} holds no files")
+        raise ValueError(f"checkpoint {name} holds no files")
     return {
         "format": MANIFEST_FORMAT,
         "name": name,
@@ -143,6 +157,7 @@ def build_manifest(
         "metrics": _jsonable(metrics),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "raytag_version": _raytag_version(),
+        "meta": _jsonable(meta or {}),
         "files": files,
     }
 
@@ -186,6 +201,7 @@ def parse_manifest(data: bytes, name: str) -> CheckpointInfo:
         files=files,
         epoch=epoch if isinstance(epoch, (int, float)) else None,
         created=str(doc.get("created", "")),
+        meta=doc["meta"] if isinstance(doc.get("meta"), dict) else {},
     )
 
 
@@ -214,11 +230,16 @@ def metric_value(info: CheckpointInfo, metric: str) -> float | None:
 def select_keep(complete: list[CheckpointInfo], keep_best: int, metric: str) -> set[str]:
     """Names to keep: the latest by step plus the ``keep_best`` best by ``metric`` (higher is better).
 
-    Checkpoints without the metric only count as 'latest'; ties prefer the later step.
+    Checkpoints without the metric only count as 'latest'; ties prefer the later step. The
+    checkpoint the latest manifest names as best (``meta.best``: the trainer's choice, which
+    test scores and ``model/`` come from) is always kept.
     """
     if not complete:
         return set()
-    keep = {max(complete, key=lambda i: i.step).name}
+    latest = max(complete, key=lambda i: i.step)
+    keep = {latest.name}
+    if isinstance(latest.meta.get("best"), str):
+        keep.add(latest.meta["best"])
     scored = [(v, i.step, i.name) for i in complete if (v := metric_value(i, metric)) is not None]
     scored.sort(reverse=True)
     keep.update(name for _v, _s, name in scored[: max(keep_best, 0)])
@@ -300,6 +321,7 @@ class CheckpointStore:
         epoch: float | None = None,
         paths: list[str] | None = None,
         peer_files: list[dict[str, Any]] | None = None,
+        meta: dict | None = None,
     ) -> None:
         """Save folder ``local_dir`` as checkpoint ``name`` in the background (``block``: wait for it).
 
@@ -329,6 +351,7 @@ class CheckpointStore:
                 epoch,
                 paths,
                 list(peer_files or []),
+                dict(meta or {}),
             )
             self._futures.append(future)
         if block:
@@ -345,10 +368,11 @@ class CheckpointStore:
         epoch: float | None,
         paths: list[str] | None = None,
         peer_files: list[dict[str, Any]] | None = None,
+        meta: dict | None = None,
     ) -> None:
         """Upload one checkpoint, manifest last, then run retention; raises CheckpointUploadError."""
         try:
-            self._upload(local_dir, name, step, metrics, epoch, paths, peer_files or [])
+            self._upload(local_dir, name, step, metrics, epoch, paths, peer_files or [], meta)
         except Exception as exc:
             raise CheckpointUploadError(
                 redact(f"checkpoint {name} was not saved to {self.where(name)}: {exc}")
@@ -373,11 +397,12 @@ class CheckpointStore:
         epoch: float | None,
         paths: list[str] | None = None,
         peer_files: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        meta: dict | None = None,
     ) -> None:
         """Hash, upload the files in parallel, then write the manifest; raises on the first failure."""
         target = join_key(self.prefix, name)
         manifest_key = join_key(target, MANIFEST)
-        manifest = build_manifest(local_dir, name, step, metrics, epoch, paths, peer_files)
+        manifest = build_manifest(local_dir, name, step, metrics, epoch, paths, peer_files, meta)
         self._call(lambda: self.storage.delete(manifest_key), f"removing the old manifest of {name}")
         if not _is_target(self.storage, target, local_dir):
             if not peer_files:  # peers' files are already in place: never clear them
@@ -388,6 +413,22 @@ class CheckpointStore:
             )
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
         self._call(lambda: self.storage.put_bytes(manifest_key, data), f"writing the manifest of {name}")
+
+    def write_manifest(
+        self, name: str, step: int, metrics: dict, files: list[dict[str, Any]], meta: dict | None = None
+    ) -> None:
+        """Write the manifest of checkpoint ``name`` whose ``files`` are already in storage (blocking),
+        then run retention. Raises StorageError when the write fails after retries."""
+        epoch = float(metrics["epoch"]) if _is_number(metrics.get("epoch")) else None
+        doc = manifest_doc(name, step, metrics, files, epoch, meta)
+        key = join_key(self.prefix, name, MANIFEST)
+        data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+        self._call(lambda: self.storage.put_bytes(key, data), f"writing the manifest of {name}")
+        self.log(f"saved checkpoint {name} to {self.where(name)}")
+        try:
+            self.retention()
+        except Exception as exc:  # the checkpoint is saved; a failed clean-up must not hide that
+            self.log(f"checkpoint retention after {name} failed: {exc}")
 
     def upload_part(self, local_dir: Path, name: str, paths: list[str]) -> list[dict[str, Any]]:
         """Upload this rank's own files of checkpoint ``name`` now (blocking); return their manifest entries.

@@ -69,6 +69,8 @@ def _connect() -> None:
 
 
 def _check_storage_fits_cluster(cfg: Config) -> None:
+    """An early answer for a cluster that already has several nodes; the workers check again once
+    placed (raytag.cluster.run), which also covers nodes that join after the job started."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -80,23 +82,40 @@ def _check_storage_fits_cluster(cfg: Config) -> None:
 
 
 def _preflight(cfg: Config) -> Config:
-    """Fail in the driver, in seconds, on what would otherwise fail on every worker after start-up.
+    """Fail in the driver, in seconds and once, on what would otherwise fail on every worker, and
+    be retried by Ray: storage, the run lease, data files and labels, and a resume that the stored
+    run refuses (config, labels, tokenizer or worker count differ).
 
     Also carries out `run.new_run` here, once: workers get `new_run: false`, so a worker group
     that Ray restarts resumes the fresh run instead of wiping it again.
     """
+    from raytag.cluster.checkpoints import CheckpointStore
     from raytag.cluster.runlock import RunLock
-    from raytag.cluster.storage import open_storage
-    from raytag.trainer.loop import _read_splits
+    from raytag.cluster.storage import join_key, open_storage
+    from raytag.trainer.data import make_labels
+    from raytag.trainer.loop import check_resume, read_splits, tokenizer_fingerprint
+    from raytag.trainer.model import load_tokenizer
 
     storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
     storage.preflight(create_bucket=cfg.run.create_bucket)
     RunLock(storage, cfg.run.name, cfg.run.owner or "").check()
-    _read_splits(cfg)  # bad files, lines and tags surface here, not as N worker crashes
+    splits = read_splits(cfg)  # bad files, lines and tags surface here, not as N worker crashes
+    if "train" not in splits:
+        raise ConfigError("data.train: no training file given")
+    labels = make_labels(splits["train"], cfg.data.labels)
     if cfg.run.new_run:
         log.info("run.new_run: removing %s", storage.display(f"{cfg.run.name}/"))
         storage.delete_prefix(f"{cfg.run.name}/")
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, new_run=False))
+        return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, new_run=False))
+    if cfg.run.resume and not storage.exists(join_key(cfg.run.name, "results.json")):
+        info = CheckpointStore(storage, cfg.run.name, log=log.info).latest()
+        if info is not None:
+            tokenizer_sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
+
+            def read(i, rel: str) -> bytes | None:
+                return storage.get_bytes(join_key(cfg.run.name, "checkpoints", i.name, rel))
+
+            check_resume(cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers)
     return cfg
 
 
@@ -130,6 +149,7 @@ def _ray_storage(cfg: Config) -> tuple[str, Any]:
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
     import ray.train
 
     from raytag.trainer.cli import setup_logging
@@ -137,11 +157,69 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     setup_logging()
 
-    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
         # Every rank calls this equally often (it is a barrier); rank 0's metrics are Ray's.
-        ray.train.report({**metrics, "checkpoint": checkpoint_dir.name if checkpoint_dir else None})
+        ray.train.report({**metrics, "checkpoint": checkpoint})
 
-    train_loop(config, report=report)
+    device = None
+    if config.get("scaling", {}).get("use_gpu"):
+        from ray.train.torch import get_device
+
+        device = get_device()  # the GPU Ray gave this worker (not necessarily cuda:LOCAL_RANK)
+    train_loop(config, report=report, node=ray.get_runtime_context().get_node_id(), device=device)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from raytag.cluster.runlock import RunLockedError
+    from raytag.cluster.storage import StorageError
+    from raytag.trainer.conll import ConllError
+
+    return (ConfigError, ConllError, RunLockedError, StorageError)
+
+
+def _failure_policy(inner: Any) -> Any:
+    """Ray's failure policy, except that a user error (bad config or data, a refused resume, a
+    local folder on several nodes) ends the run at once: a restart would fail the same way."""
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    class UserErrorsAreFinal(FailurePolicy):
+        def __init__(self, inner: Any) -> None:
+            super().__init__(inner.failure_config)
+            self.inner = inner
+
+        def make_decision(self, training_failed_error: Any) -> Any:
+            if isinstance(training_failed_error, WorkerGroupError) and any(
+                isinstance(e, _user_error_types()) for e in training_failed_error.worker_failures.values()
+            ):
+                return FailureDecision.RAISE
+            return self.inner.make_decision(training_failed_error)
+
+    return UserErrorsAreFinal(inner)
+
+
+def _trainer_class() -> type:
+    from ray.train.torch import TorchTrainer
+
+    class RaytagTrainer(TorchTrainer):
+        """TorchTrainer whose failure policy never retries a user error."""
+
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            if "failure_policy" in kwargs:
+                kwargs["failure_policy"] = _failure_policy(kwargs["failure_policy"])
+            return super()._initialize_and_run_controller(**kwargs)  # type: ignore[misc]
+
+    return RaytagTrainer
+
+
+def _collateral(error: BaseException) -> bool:
+    """An error a rank gets because another rank failed (a broken collective), not a cause."""
+    from raytag.trainer.dist import PeerError
+
+    text = str(error).lower()
+    return isinstance(error, PeerError) or any(
+        s in text for s in ("connection closed by peer", "connection reset", "broken pipe", "nccl", "gloo")
+    )
 
 
 def launch(cfg: Config) -> dict[str, Any] | None:
@@ -151,7 +229,6 @@ def launch(cfg: Config) -> dict[str, Any] | None:
     storage or data is wrong; LaunchError when the Ray run fails.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from raytag.cluster.runlock import new_owner
     from raytag.cluster.storage import open_storage
@@ -165,7 +242,8 @@ def launch(cfg: Config) -> dict[str, Any] | None:
     _check_storage_fits_cluster(cfg)
     resources: dict[str, float] = {"CPU": sc.cpus_per_worker if sc.cpus_per_worker is not None else 1}
     if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker if sc.gpus_per_worker is not None else 1
+        resources["GPU"] = 1  # one GPU per data-parallel worker (config validation refuses others)
+    resources.update(sc.worker_resources)
     scaling = ray.train.ScalingConfig(
         num_workers=sc.num_workers,
         use_gpu=sc.use_gpu,
@@ -186,13 +264,19 @@ def launch(cfg: Config) -> dict[str, Any] | None:
         cfg.run.name,
         storage_path,
     )
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _train_worker, train_loop_config=to_dict(cfg), scaling_config=scaling, run_config=run_config
     )
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the root cause's message, one line
         cause: BaseException = e
+        failures = getattr(e, "worker_failures", None) or {}
+        users = [f for f in failures.values() if isinstance(f, _user_error_types())]
+        if users:
+            raise users[0] from None  # a user error: the same one line as in local mode
+        if failures:  # the rank that failed first, not a peer that lost its connection to it
+            cause = min(failures.items(), key=lambda kv: (_collateral(kv[1]), kv[0]))[1]
         while cause.__cause__ is not None:
             cause = cause.__cause__
         text = str(cause).strip().splitlines()

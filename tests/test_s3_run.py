@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,8 +51,11 @@ def get(server: S3TestServer, bucket: str, key: str) -> bytes:
     return server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def staging(name: str) -> Path:
-    return Path(tempfile.gettempdir()) / "raytag-staging" / name
+def staging(storage: str, name: str) -> Path:
+    from raytag.cluster.run import staging_folder
+    from raytag.cluster.storage import open_storage
+
+    return staging_folder(None, open_storage(storage).uri, name)
 
 
 def train(storage: str, name: str, *overrides: str) -> dict:
@@ -82,7 +84,8 @@ def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(aws,
     assert "LOCK.json" not in before  # released when the process ended
 
     # A new machine: nothing local. The same command resumes from the bucket.
-    shutil.rmtree(staging("r1"), ignore_errors=True)
+    assert staging(storage, "r1").is_dir()  # the node's working folder, keyed by the run's location
+    shutil.rmtree(staging(storage, "r1"))
     res = train(storage, "r1", *steps)
     assert res["resumed_from"] == "step-00000004"
     assert res["global_steps"] == 6
@@ -119,8 +122,10 @@ def test_resume_skips_a_checkpoint_with_a_broken_manifest(aws, monkeypatch, capl
     newest, second, third = complete[-1], complete[-2], complete[-3]
     client = aws.client()
     client.put_object(Bucket=bucket, Key=f"runs/r2/checkpoints/{newest}/MANIFEST.json", Body=b"{not json")
+    # `second` as a save cut off mid-upload: no manifest, and not every rank's part marker in.
     client.delete_object(Bucket=bucket, Key=f"runs/r2/checkpoints/{second}/MANIFEST.json")
-    shutil.rmtree(staging("r2"), ignore_errors=True)
+    client.delete_object(Bucket=bucket, Key=f"runs/r2/checkpoints/{second}/.parts/rank-00000.json")
+    shutil.rmtree(staging(storage, "r2"))
     caplog.set_level("INFO")
     res = train(storage, "r2", *steps)
     assert res["resumed_from"] == third

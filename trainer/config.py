@@ -97,7 +97,7 @@ class RunConfig:
     storage: str = "runs"
     """Local folder or s3://bucket/prefix; outputs go to <storage>/<name>/."""
     keep_best: int = 1
-    """Checkpoints kept besides the latest: the best k by validation F1."""
+    """Checkpoints kept besides the latest: the best k by validation F1 (at least 1: test and model/ use the best)."""
     resume: bool = True
     """Resume from the newest complete checkpoint of the same run name, if any."""
     new_run: bool = False
@@ -107,6 +107,9 @@ class RunConfig:
     s3_region: str | None = None
     create_bucket: bool = False
     """Create the bucket in the pre-flight check when it does not exist."""
+    staging_dir: str | None = None
+    """Node-local working folder of a bucket run (default: $TMPDIR/raytag-staging); holds at most the
+    newest checkpoint and the files being uploaded."""
     owner: str | None = None
     """Set automatically: the id of the job writing the run (a second live job is refused)."""
 
@@ -117,6 +120,10 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
+    """GPUs per worker: 1 (the default with use_gpu). Each worker is one data-parallel DeepSpeed process
+    on one GPU; more GPUs means more workers."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker asks for (e.g. a custom node resource, or accelerator_type:H100)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 3
     """Ray restarts the worker group this many times after a lost worker or node."""
@@ -318,6 +325,12 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
     elif isinstance(obj, ScalingConfig):
         if obj.num_workers < 1:
             raise bad("num_workers", f"must be >= 1, got {obj.num_workers}")
+        if obj.gpus_per_worker is not None and obj.gpus_per_worker != 1:
+            raise bad(
+                "gpus_per_worker",
+                f"must be 1, got {obj.gpus_per_worker}: each worker trains on one GPU (a data-parallel "
+                "DeepSpeed process; NCCL refuses two workers on one GPU); use scaling.num_workers for more GPUs",
+            )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

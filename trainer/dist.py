@@ -101,3 +101,26 @@ class PeerError(RuntimeError):
     def __init__(self, message: str, kind: str = "") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class ProcessGroup:
+    """This process's place in the torch.distributed group, in the shape `raytag.cluster.run.Group` wants."""
+
+    def __init__(self, local_rank: int = 0) -> None:
+        self.rank, self.world, self.local_rank = rank(), world(), local_rank
+
+    def barrier(self) -> None:
+        barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast_object(obj)
+
+    def gather(self, obj: Any) -> list[Any]:
+        return gather_objects(obj)
+
+    def agree(self, error: BaseException | None) -> None:
+        agree_on_error(error)
+
+
+def group(local_rank: int = 0) -> ProcessGroup:
+    return ProcessGroup(local_rank)

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -110,8 +111,12 @@ def _skip_cpu_shm_build() -> None:
             ops["__compatible_ops__"] = {"deepspeed_shm_comm": False}
 
 
-def build_engine(model: torch.nn.Module, spec: EngineSpec):
-    """Wrap `model` in a DeepSpeed engine with raytag's optimizer and schedule (unless overridden)."""
+def build_engine(model: torch.nn.Module, spec: EngineSpec, device_rank: int | None = None):
+    """Wrap `model` in a DeepSpeed engine with raytag's optimizer and schedule (unless overridden).
+
+    `device_rank`: the CUDA device index this rank trains on. DeepSpeed otherwise takes
+    cuda:LOCAL_RANK, which is not the worker's GPU when Ray assigns devices differently.
+    """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     ensure_process_group_env()
     import deepspeed
@@ -138,8 +143,9 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
         )
         if "scheduler" not in ds_config:
             scheduler = get_linear_schedule_with_warmup(optimizer, spec.warmup_steps, spec.total_steps)
+    args = SimpleNamespace(device_rank=device_rank) if device_rank is not None else None
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine
 

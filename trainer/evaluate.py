@@ -45,15 +45,21 @@ def predict_windows(
 ) -> tuple[dict[int, np.ndarray], float, int]:
     """Predictions for this rank's share of the windows: window index -> label ids of its owned words.
 
+    Every rank runs the same number of forwards (a rank whose share is shorter runs a one-window
+    dummy whose output is dropped): under ZeRO-3 each forward gathers parameters from all ranks.
     Also returns the summed cross-entropy and the count of labelled tokens (for the loss).
     """
     windows = encoded.windows
     lengths = [len(w) for w in windows]
     batches = plan_batches(lengths, batch_tokens, 1024, seed=0, epoch=0, shuffle=False)
-    mine = batches[rank::world]
+    mine: list[list[int] | None] = list(batches[rank::world])
+    mine += [None] * (-(-len(batches) // world) - len(mine))
     preds: dict[int, np.ndarray] = {}
     loss_sum, count = 0.0, 0
     for idx in mine:
+        if idx is None:
+            model(**{k: v for k, v in collate(windows, [0], pad_id, device).items() if k != "labels"})
+            continue
         batch = collate(windows, idx, pad_id, device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
