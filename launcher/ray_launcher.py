@@ -98,16 +98,11 @@ def _preflight(cfg: Config) -> Config:
 
     storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
     storage.preflight(create_bucket=cfg.run.create_bucket)
-    RunLock(storage, cfg.run.name, cfg.run.owner or "").check()
     splits = read_splits(cfg)  # bad files, lines and tags surface here, not as N worker crashes
     if "train" not in splits:
         raise ConfigError("data.train: no training file given")
     labels = make_labels(splits["train"], cfg.data.labels)
-    if cfg.run.new_run:
-        log.info("run.new_run: removing %s", storage.display(f"{cfg.run.name}/"))
-        storage.delete_prefix(f"{cfg.run.name}/")
-        return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, new_run=False))
-    if cfg.run.resume and not storage.exists(join_key(cfg.run.name, "results.json")):
+    if not cfg.run.new_run and cfg.run.resume and not storage.exists(join_key(cfg.run.name, "results.json")):
         info = CheckpointStore(storage, cfg.run.name, log=log.info).latest()
         if info is not None:
             tokenizer_sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
@@ -116,6 +111,11 @@ def _preflight(cfg: Config) -> Config:
                 return storage.get_bytes(join_key(cfg.run.name, "checkpoints", i.name, rel))
 
             check_resume(cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers)
+    RunLock(storage, cfg.run.name, cfg.run.owner or "").check()
+    if cfg.run.new_run:
+        log.info("run.new_run: removing %s", storage.display(f"{cfg.run.name}/"))
+        storage.delete_prefix(f"{cfg.run.name}/")
+        return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, new_run=False))
     return cfg
 
 
@@ -146,9 +146,16 @@ def _ray_storage(cfg: Config) -> tuple[str, Any]:
     return path, fs
 
 
-def _train_worker(config: dict[str, Any]) -> None:
+# raytag's own switches travel from the driver to the workers (Ray starts them with the
+# environment its processes had when the cluster started, not the driver's).
+WORKER_ENV = ("RAYTAG_FAULT_INJECT", "RAYTAG_DS_SHM_COMM")
+
+
+def _train_worker(job: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.update(job["env"])
+    config = job["config"]
     import ray
     import ray.train
 
@@ -265,7 +272,13 @@ def launch(cfg: Config) -> dict[str, Any] | None:
         storage_path,
     )
     trainer = _trainer_class()(
-        _train_worker, train_loop_config=to_dict(cfg), scaling_config=scaling, run_config=run_config
+        _train_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "env": {k: os.environ[k] for k in WORKER_ENV if k in os.environ},
+        },
+        scaling_config=scaling,
+        run_config=run_config,
     )
     try:
         trainer.fit()

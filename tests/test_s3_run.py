@@ -238,3 +238,39 @@ def test_server_outage_mid_run(aws, tmp_path):
         assert "results.json" in found
     else:
         assert "raytag: error: checkpoint step-" in text and "was not saved" in text, text[-3000:]
+
+
+def test_node_staging_holds_only_the_newest_checkpoint(aws, monkeypatch, tmp_path):
+    """A checkpoint every step: once each checkpoint's upload is done the older ones leave the node.
+
+    The run is stopped (as a lost process) in its last step, so the staging folder is left as a
+    long run would leave it: only the newest checkpoint, nothing still uploading."""
+    bucket = aws.make_bucket()
+    storage = f"s3://{bucket}/runs"
+    stage = tmp_path / "stage"
+    restore = kill_training_at_micro_batch(monkeypatch, 12)
+    with pytest.raises(KeyboardInterrupt):
+        train(storage, "many", "train.max_steps=12", "train.save_every=1", f"run.staging_dir={stage}")
+    restore()
+    from raytag.cluster.run import staging_folder
+    from raytag.cluster.storage import open_storage
+
+    folder = staging_folder(str(stage), open_storage(storage).uri, "many")
+    staged = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert staged == ["step-00000011"], staged
+    in_bucket = {
+        k.split("/")[0] for k in keys(aws, bucket, "runs/many/checkpoints/") if k.endswith("MANIFEST.json")
+    }
+    assert "step-00000011" in in_bucket
+    one = sum(f.stat().st_size for f in (folder / "checkpoints" / "step-00000011").rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert total < one * 1.1 + 1_000_000, (
+        total,
+        one,
+    )  # the checkpoint plus small run files (metrics, config)
+
+    # The rerun on this node resumes from the staged copy (nothing to download) and, once the run
+    # has finished, leaves nothing on the node: the bucket holds the run.
+    res = train(storage, "many", "train.max_steps=12", "train.save_every=1", f"run.staging_dir={stage}")
+    assert res["resumed_from"] == "step-00000011"
+    assert not folder.exists()
