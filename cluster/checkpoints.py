@@ -123,18 +123,13 @@ def build_manifest(
     step: int,
     metrics: dict,
     epoch: float | None = None,
-    paths: list[str] | None = None,
-    peer_files: list[dict[str, Any]] = (),  # type: ignore[assignment]
     meta: dict | None = None,
 ) -> dict[str, Any]:
     """The manifest of checkpoint folder ``folder``: every file with size and sha256, plus metadata.
 
-    ``paths`` limits it to some files of ``folder``; ``peer_files`` adds entries of files that
-    other ranks uploaded themselves. Raises OSError if a file cannot be read, ValueError if the
-    checkpoint holds no files.
+    Raises OSError if a file cannot be read, ValueError if the checkpoint holds no files.
     """
-    files = file_entries(folder, paths) + [dict(e) for e in peer_files]
-    return manifest_doc(name, step, metrics, files, epoch, meta)
+    return manifest_doc(name, step, metrics, file_entries(folder), epoch, meta)
 
 
 def manifest_doc(
@@ -319,15 +314,11 @@ class CheckpointStore:
         *,
         block: bool = False,
         epoch: float | None = None,
-        paths: list[str] | None = None,
-        peer_files: list[dict[str, Any]] | None = None,
         meta: dict | None = None,
     ) -> None:
         """Save folder ``local_dir`` as checkpoint ``name`` in the background (``block``: wait for it).
 
-        With several ranks, ``paths`` names this rank's own files of ``local_dir`` and
-        ``peer_files`` the manifest entries of files the other ranks already uploaded with
-        ``upload_part``: the manifest lists them all and is written only after every file is in.
+        ``meta`` goes into the manifest as it is (the trainer's notes: best checkpoint, workers).
         ``local_dir`` must not change until the save is done. ``epoch`` defaults to
         ``metrics['epoch']``. Raises CheckpointUploadError for this save when ``block``, or for
         an earlier background save that failed; ValueError for a bad name; RuntimeError once closed.
@@ -349,8 +340,6 @@ class CheckpointStore:
                 step,
                 dict(metrics),
                 epoch,
-                paths,
-                list(peer_files or []),
                 dict(meta or {}),
             )
             self._futures.append(future)
@@ -366,13 +355,11 @@ class CheckpointStore:
         step: int,
         metrics: dict,
         epoch: float | None,
-        paths: list[str] | None = None,
-        peer_files: list[dict[str, Any]] | None = None,
         meta: dict | None = None,
     ) -> None:
         """Upload one checkpoint, manifest last, then run retention; raises CheckpointUploadError."""
         try:
-            self._upload(local_dir, name, step, metrics, epoch, paths, peer_files or [], meta)
+            self._upload(local_dir, name, step, metrics, epoch, meta)
         except Exception as exc:
             raise CheckpointUploadError(
                 redact(f"checkpoint {name} was not saved to {self.where(name)}: {exc}")
@@ -395,22 +382,16 @@ class CheckpointStore:
         step: int,
         metrics: dict,
         epoch: float | None,
-        paths: list[str] | None = None,
-        peer_files: list[dict[str, Any]] = (),  # type: ignore[assignment]
         meta: dict | None = None,
     ) -> None:
         """Hash, upload the files in parallel, then write the manifest; raises on the first failure."""
         target = join_key(self.prefix, name)
         manifest_key = join_key(target, MANIFEST)
-        manifest = build_manifest(local_dir, name, step, metrics, epoch, paths, peer_files, meta)
+        manifest = build_manifest(local_dir, name, step, metrics, epoch, meta)
         self._call(lambda: self.storage.delete(manifest_key), f"removing the old manifest of {name}")
         if not _is_target(self.storage, target, local_dir):
-            if not peer_files:  # peers' files are already in place: never clear them
-                self._call(lambda: self.storage.delete_prefix(target), f"clearing {name}")
-            peers = {e["path"] for e in peer_files}
-            self._upload_files(
-                local_dir, target, [f["path"] for f in manifest["files"] if f["path"] not in peers]
-            )
+            self._call(lambda: self.storage.delete_prefix(target), f"clearing {name}")
+            self._upload_files(local_dir, target, [f["path"] for f in manifest["files"]])
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
         self._call(lambda: self.storage.put_bytes(manifest_key, data), f"writing the manifest of {name}")
 
@@ -429,24 +410,6 @@ class CheckpointStore:
             self.retention()
         except Exception as exc:  # the checkpoint is saved; a failed clean-up must not hide that
             self.log(f"checkpoint retention after {name} failed: {exc}")
-
-    def upload_part(self, local_dir: Path, name: str, paths: list[str]) -> list[dict[str, Any]]:
-        """Upload this rank's own files of checkpoint ``name`` now (blocking); return their manifest entries.
-
-        Rank 0 later passes every rank's entries to ``save(peer_files=...)``, which writes the
-        manifest. Raises CheckpointUploadError naming the checkpoint when an upload fails.
-        """
-        target = join_key(self.prefix, check_key(name))
-        entries = file_entries(Path(local_dir), paths)
-        if not paths or _is_target(self.storage, target, Path(local_dir)):
-            return entries
-        try:
-            self._upload_files(Path(local_dir), target, [e["path"] for e in entries])
-        except Exception as exc:
-            raise CheckpointUploadError(
-                redact(f"checkpoint {name} was not saved to {self.where(name)}: {exc}")
-            ) from exc
-        return entries
 
     def _upload_files(self, local_dir: Path, target: str, paths: list[str]) -> None:
         """Upload ``paths`` of ``local_dir`` below ``target`` in the pool; raise the first failure."""
