@@ -1,0 +1,157 @@
+"""The run's storage boundary (cluster/run.py) with two ranks simulated in one process.
+
+A bucket is stood in for by a local folder whose `local_path` is hidden (so the run works
+through staging and uploads, as with S3); the real S3 server runs it in test_s3_run.py and the
+Ray tests. Ranks are played one after the other with groups whose collectives are no-ops.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raytag.cluster.run import RunStore, file_rank, needed_by, owned_by, staging_folder
+from raytag.cluster.storage import LocalStorage, StorageError
+from tests.test_storage import Wrapped
+
+RUN = "demo"
+
+
+@dataclass
+class Rank:
+    """One rank of a world whose collectives are no-ops (the test plays the ranks in turn)."""
+
+    rank: int
+    world: int = 2
+    local_rank: int = 0
+    shared: Any = None
+
+    def barrier(self) -> None:
+        return None
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj] * self.world
+
+    def agree(self, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+
+
+def bucket(tmp_path: Path) -> Wrapped:
+    return Wrapped(LocalStorage(tmp_path / "bucket"), hide_local=True)
+
+
+def open_rank(storage: Any, rank: int, stage: Path, world: int = 2) -> RunStore:
+    return RunStore.open(
+        storage,
+        RUN,
+        group=Rank(rank, world, local_rank=rank),
+        node="n1",
+        owner=f"test-{rank}",
+        staging_root=str(stage),
+        log=lambda m: None,
+    )
+
+
+def write_part(folder: Path, rank: int, step: int) -> None:
+    """What a rank writes for a checkpoint: its DeepSpeed shard and RNG state (rank 0: the shared files)."""
+    (folder / "ds").mkdir(parents=True, exist_ok=True)
+    (folder / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"o" * (100 + rank))
+    (folder / f"rng-rank{rank}.pt").write_bytes(b"r" * (10 + rank))
+    if rank == 0:
+        (folder / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 300)
+        (folder / "progress.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_file_ownership() -> None:
+    assert file_rank("ds/zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert file_rank("ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt") == 1
+    assert file_rank("rng-rank2.pt") == 2
+    assert file_rank("ds/mp_rank_00_model_states.pt") is None
+    assert owned_by("progress.json", 0) and not owned_by("progress.json", 1)
+    assert needed_by("progress.json", 1) and needed_by("rng-rank1.pt", 1) and not needed_by("rng-rank0.pt", 1)
+
+
+def test_staging_is_keyed_by_the_run_location(tmp_path: Path) -> None:
+    a = staging_folder(str(tmp_path), "s3://one/runs", "x")
+    b = staging_folder(str(tmp_path), "s3://two/runs", "x")
+    assert a != b and a.parent == b.parent == tmp_path and a.name.startswith("x-")
+
+
+def test_parts_from_two_ranks_make_one_manifest_and_each_rank_fetches_only_its_files(tmp_path: Path) -> None:
+    storage = bucket(tmp_path)
+    r0 = open_rank(storage, 0, tmp_path / "node0")
+    r1 = open_rank(storage, 1, tmp_path / "node1")  # another node: its own staging folder
+    assert r0.workdir != r1.workdir
+    for run, rank in ((r1, 1), (r0, 0)):
+        folder = run.checkpoint_folder(4)
+        write_part(folder, rank, 4)
+        run.commit(4, folder, {"f1": 0.5}, {"best": "step-00000004", "world": 2})
+    r1.close(success=False)
+    r0.close(success=False)
+
+    info = RunStore.open(storage, RUN, group=Rank(0, 2), node="n1", owner="t", log=print).store.latest()
+    assert info is not None and info.name == "step-00000004"
+    assert info.meta == {"best": "step-00000004", "world": 2}
+    paths = {e["path"] for e in info.files}
+    assert {"rng-rank0.pt", "rng-rank1.pt", "ds/mp_rank_00_model_states.pt", "progress.json"} <= paths
+    assert "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt" in paths
+
+    fresh = open_rank(storage, 1, tmp_path / "node2")  # a fresh node: rank 1 downloads its part only
+    got = fresh.fetch(info)
+    files = {p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()}
+    assert files == {
+        "rng-rank1.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "ds/mp_rank_00_model_states.pt",
+        "progress.json",
+    }
+    downloads = [k for op, k in storage.calls if op == "get_file"]
+    assert not any("rank0" in k or "rank_0_" in k for k in downloads)
+    fresh.close(success=False)
+
+
+def test_a_restarted_group_completes_a_checkpoint_left_on_the_nodes_disk(tmp_path: Path) -> None:
+    """Both ranks wrote step 6 on one node; rank 1's upload failed (its process was lost), so rank 0
+    never wrote the manifest. The restarted ranks on that node upload rank 1's part from disk and
+    rank 0 writes the manifest: the checkpoint is the resume point, not lost."""
+    storage = bucket(tmp_path)
+    stage = tmp_path / "node"
+    r0, r1 = open_rank(storage, 0, stage), open_rank(storage, 1, stage)
+    r0.part_timeout_s = 1.0  # rank 0 waits for a part that will not come, then gives up
+    folder = r0.checkpoint_folder(6)
+    write_part(folder, 0, 6)
+    write_part(folder, 1, 6)
+    storage.fail["rng-rank1.pt"] = [StorageError("connection lost")]
+    for run in (r1, r0):
+        run.commit(6, folder, {"f1": 0.7}, {"best": "step-00000006", "world": 2})
+    for run in (r1, r0):
+        with pytest.raises(Exception, match="connection lost|never arrived"):
+            run.wait()
+        run.close(success=False)
+    assert r0.store.list_complete() == []
+
+    again0, again1 = open_rank(storage, 0, stage), open_rank(storage, 1, stage)
+    assert again1.resume_point() is None  # not the node leader, not rank 0: it only receives the answer
+    info = again0.resume_point()
+    assert info is not None and info.name == "step-00000006"
+    assert {"rng-rank1.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= {e["path"] for e in info.files}
+    again0.close(success=False)
+    again1.close(success=False)
+
+
+def test_a_local_folder_on_two_nodes_is_refused(tmp_path: Path) -> None:
+    @dataclass
+    class TwoNodes(Rank):
+        def gather(self, obj: Any) -> list[Any]:
+            return ["node-a", "node-b"]
+
+    with pytest.raises(StorageError, match="run.storage: the local folder .* sit on 2 nodes"):
+        RunStore.open(LocalStorage(tmp_path), RUN, group=TwoNodes(0), node="node-a", owner="t", log=print)
