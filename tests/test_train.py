@@ -185,3 +185,28 @@ def test_predict_cli_tags_conll_and_text(demo_run, tmp_path):
     blocks = out.read_text().strip().split("\n\n")
     assert [len(b.splitlines()) for b in blocks] == [5, 301]
     assert blocks[1].splitlines()[0].split()[0] == "Paris"
+
+
+def test_test_scores_and_model_come_from_the_checkpoint_the_manifest_names_as_best(demo_run, tmp_path):
+    from raytag.trainer.predict import predict
+
+    run_dir, res = demo_run
+    latest = max((run_dir / "checkpoints").iterdir())
+    manifest = json.loads((latest / "MANIFEST.json").read_text())
+    best = manifest["meta"]["best"]
+    assert best == f"step-{res['best_step']:08d}" == res["best_checkpoint"] == res["model_checkpoint"]
+    assert (run_dir / "checkpoints" / best / "MANIFEST.json").exists()  # kept by retention
+    assert json.loads((run_dir / "model" / "raytag.json").read_text())["checkpoint"] == best
+    # The exported weights score the test file exactly as results.json says (same model, same windows).
+    scores = predict(
+        str(run_dir / "model"), str(ROOT / "trainer/assets/demo/test.txt"), str(tmp_path / "p.txt")
+    )
+    assert scores["f1"] == pytest.approx(res["test"]["f1"], abs=1e-9)
+    # And validation, re-scored with those weights, equals the best evaluation logged during training.
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    at_best = [
+        r
+        for r in evals
+        if r.get("type") == "eval" and r["split"] == "validation" and r["step"] == res["best_step"]
+    ]
+    assert at_best and at_best[0]["f1"] == pytest.approx(res["validation"]["f1"], abs=1e-9)
