@@ -1,3 +1,24 @@
 """Shared pytest set-up for raytag's tests."""
 
+from __future__ import annotations
+
+import pytest
+
 from tests.s3_server import aws_env, s3_server  # noqa: F401  (registers the fixtures)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests, with the reason, where torch sees no CUDA device."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch  # only when a gpu test was collected: torch takes seconds to import
+
+    if torch.cuda.is_available():
+        return
+    reason = (
+        f"needs CUDA: torch.cuda.is_available() is false (torch {torch.__version__}, "
+        f"built for CUDA {torch.version.cuda or 'none'})"
+    )
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))

@@ -1,15 +1,21 @@
-"""The shipped cluster definitions: the Ray cluster-launcher config and the KubeRay RayJob.
+"""The shipped cluster definitions: the Ray cluster-launcher config, the KubeRay RayJob and the image.
 
-Both files are loaded the way an installed raytag sees them (package data of
+Both YAML files are loaded the way an installed raytag sees them (package data of
 ``raytag.cluster``). The AWS config is checked with the JSON schema that ships inside the
 installed ``ray`` package, by the same two calls ``ray up`` makes before it touches AWS.
+cluster/Dockerfile (read from the checkout: it is not package data) is parsed: both definitions
+must run the image it documents, built on the installed Ray's GPU image, with torch and raytag
+installed at the pinned versions of cluster/constraints.txt.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import re
+import shlex
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -19,12 +25,18 @@ import pytest
 import ray
 import ray.autoscaler
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER_PKG = "raytag.cluster"
 AWS_YAML = "aws.yaml"
 RAYJOB_YAML = "kuberay-rayjob.yaml"
 RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "cluster" / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+CONSTRAINTS = REPO / "cluster" / "constraints.txt"
 
 # An AWS access key id (long-term AKIA, temporary ASIA) or the name of the secret-key setting.
 AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
@@ -159,27 +171,20 @@ def test_aws_every_node_has_an_instance_profile():
         assert node_type["node_config"].get("IamInstanceProfile"), name
 
 
-def _install_index(commands: list[str], pattern: str) -> int:
-    rx = re.compile(pattern)
-    hits = [i for i, cmd in enumerate(commands) if "pip install" in cmd and rx.search(cmd)]
-    assert hits, f"no `pip install` matching {pattern!r} in {commands}"
-    return hits[0]
-
-
 @pytest.mark.parametrize("node_kind", ["head_setup_commands", "worker_setup_commands"])
-def test_aws_setup_installs_torch_before_raytag(node_kind):
-    # Checked on the prepared config: Ray prepends setup_commands to each node kind's own.
+def test_aws_nodes_install_nothing(node_kind):
+    # torch, DeepSpeed, Ray and raytag come from the image; a node that pip-installs at start-up
+    # could run other code than the image's (checked on the prepared config: Ray prepends
+    # setup_commands to each node kind's own and may add defaults).
     commands = _validate_like_ray_up(_load(AWS_YAML))[node_kind]
-    torch_at = _install_index(commands, r"\btorch\b")
-    raytag_at = _install_index(commands, r"raytag")
-    assert torch_at < raytag_at, commands
-    assert "raytag" not in commands[torch_at], commands[torch_at]
+    assert not [c for c in commands if "pip install" in c or "raytag" in c], commands
 
 
-def test_aws_syncs_the_checkout_and_the_auth_token():
-    mounts = _load(AWS_YAML)["file_mounts"]
-    assert mounts["~/raytag"] == "."
-    assert mounts["~/.ray/auth_token"] == "~/.ray/auth_token"
+def test_aws_mounts_only_the_auth_token():
+    # No checkout is synced to the nodes: they run the image's raytag.
+    config = _load(AWS_YAML)
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert not config.get("cluster_synced_files")
 
 
 def test_aws_ray_start_uses_token_auth_and_a_private_dashboard():
@@ -195,8 +200,8 @@ def test_aws_ray_start_uses_token_auth_and_a_private_dashboard():
     assert "0.0.0.0" not in head
 
 
-def test_aws_image_matches_installed_ray():
-    assert _load(AWS_YAML)["docker"]["image"] == _installed_ray_image_tag()
+def test_aws_runs_the_raytag_image():
+    assert _load(AWS_YAML)["docker"]["image"] == _documented_image()
 
 
 def test_aws_config_holds_no_credentials():
@@ -258,12 +263,23 @@ def test_rayjob_containers_get_s3_credentials_from_the_secret():
             assert "raytag-s3" in refs, (group, container["name"])
 
 
-def test_rayjob_images_match_installed_ray():
+def test_rayjob_runs_the_raytag_image_of_the_installed_ray():
     job = _load(RAYJOB_YAML)
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
-    for group, containers in _ray_containers(job).items():
-        for container in containers:
-            assert container["image"] == _installed_ray_image_tag(), (group, container["image"])
+    containers = _ray_containers(job)
+    assert set(containers) == {"head", "gpu-workers"}, containers
+    for group, group_containers in containers.items():
+        for container in group_containers:
+            assert container["image"] == _documented_image(), (group, container["image"])
+
+
+def test_rayjob_working_dir_is_the_images_copy():
+    runtime_env = yaml.safe_load(_load(RAYJOB_YAML)["spec"]["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == _workdir()
+    # The entrypoint's config file is in that folder.
+    entrypoint = _load(RAYJOB_YAML)["spec"]["entrypoint"].split()
+    config = entrypoint[entrypoint.index("--config") + 1]
+    assert config.split("/")[0] + "/" in _copied_sources(), config
 
 
 def test_rayjob_holds_no_credentials():
@@ -281,3 +297,188 @@ def test_rayjob_holds_no_credentials():
             for env in container.get("env", []):
                 if env["name"].upper().startswith("AWS_"):
                     assert "value" not in env, (group, env["name"])
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster/Dockerfile: the image both definitions run.
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+
+def _instructions() -> list[Instruction]:
+    """The Dockerfile's instructions in order, as Docker reads them: comment lines dropped (also
+    inside a continuation), lines ending in a backslash joined with the next."""
+    out: list[Instruction] = []
+    pending: str | None = None
+    start = 0
+    for number, raw in enumerate(DOCKERFILE.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("#") or (not line and pending is None):
+            continue
+        if pending is None:
+            pending, start = "", number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        pending += line
+        keyword, _, args = pending.partition(" ")
+        out.append(Instruction(keyword.upper(), args.strip(), start))
+        pending = None
+    assert pending is None, f"{DOCKERFILE}: the last instruction ends in a backslash"
+    return out
+
+
+def _documented_image() -> str:
+    """The image name the Dockerfile's build and push commands give."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    built = re.findall(r"docker build -f cluster/Dockerfile -t (\S+) \.$", text, re.MULTILINE)
+    pushed = re.findall(r"docker push (\S+)$", text, re.MULTILINE)
+    assert len(built) == 1 and pushed == built, (built, pushed)
+    return built[0]
+
+
+def _workdir() -> str:
+    workdirs = [i.args for i in _instructions() if i.keyword == "WORKDIR"]
+    assert len(workdirs) == 1, workdirs
+    return workdirs[0]
+
+
+def _copies() -> list[tuple[list[str], str]]:
+    """(sources, destination) of each COPY; flags such as --chown dropped."""
+    out = []
+    for ins in _instructions():
+        if ins.keyword == "COPY":
+            words = [w for w in shlex.split(ins.args) if not w.startswith("--")]
+            out.append((words[:-1], words[-1]))
+    return out
+
+
+def _copied_sources() -> set[str]:
+    return {src for sources, _ in _copies() for src in sources}
+
+
+_PIP_VALUE_OPTIONS = {"-c", "--constraint", "-r", "--requirement", "-i", "--index-url", "--extra-index-url"}
+
+
+@dataclass(frozen=True)
+class PipInstall:
+    line: int
+    requirements: list[str]
+    options: dict[str, str]
+
+
+def _pip_installs() -> list[PipInstall]:
+    """Every `pip install` of every RUN, in order, with its requirements and valued options."""
+    out = []
+    for ins in _instructions():
+        if ins.keyword != "RUN":
+            continue
+        for command in ins.args.split("&&"):
+            words = shlex.split(command)
+            if words[:2] != ["pip", "install"]:
+                continue
+            requirements, options, rest = [], {}, iter(words[2:])
+            for word in rest:
+                if word in _PIP_VALUE_OPTIONS:
+                    options[word] = next(rest)
+                elif not word.startswith("-"):
+                    requirements.append(word)
+            out.append(PipInstall(ins.line, requirements, options))
+    return out
+
+
+def _makefile_torch() -> str:
+    match = re.search(r"^TORCH\s*\?=\s*(\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert match, "no TORCH ?= ... in the Makefile"
+    return match.group(1)
+
+
+def _pyproject() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def test_dockerfile_builds_on_the_installed_rays_gpu_image():
+    froms = [i.args for i in _instructions() if i.keyword == "FROM"]
+    assert froms == [_installed_ray_image_tag()]
+
+
+def test_dockerfile_installs_pinned_torch_first_then_raytag():
+    installs = _pip_installs()
+    torch_installs = [p for p in installs if any(re.match(r"torch\b", r) for r in p.requirements)]
+    raytag_installs = [p for p in installs if "." in p.requirements]
+    assert len(torch_installs) == 1 and len(raytag_installs) == 1, installs
+    torch_install, raytag_install = torch_installs[0], raytag_installs[0]
+    # torch alone and first, pinned as the Makefile pins it: pip never picks a torch build itself.
+    assert torch_install.requirements == [_makefile_torch()]
+    assert installs.index(torch_install) < installs.index(raytag_install)
+    # raytag from the copied checkout ("." is the WORKDIR), every dependency at its pinned
+    # version, and Ray at the image's (the client's) version.
+    assert raytag_install.options.get("--constraint") == "cluster/constraints.txt"
+    assert f"ray[default,train]=={ray.__version__}" in raytag_install.requirements
+    copies_before = [c for c in _instructions() if c.keyword == "COPY" and c.line < raytag_install.line]
+    assert len(copies_before) == len(_copies()), "everything is copied before raytag is installed"
+
+
+def test_dockerfile_copies_every_package_folder_into_its_workdir():
+    pyproject = _pyproject()
+    package_dirs = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    needed = {"pyproject.toml", pyproject["project"]["readme"], "configs/"} | {f"{d}/" for d in package_dirs}
+    sources = _copied_sources()
+    assert needed <= sources, needed - sources
+    for sources_, dest in _copies():  # each folder to the same place under the WORKDIR
+        for src in sources_:
+            assert dest == (src if src.endswith("/") else "./"), (src, dest)
+    assert _workdir() == "/home/ray/raytag"
+
+
+def test_dockerignore_lets_in_every_copied_path():
+    rules = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert rules[0] == "*", "the context is an allowlist: everything else stays out (.venv, runs/)"
+    allowed = {r[1:] for r in rules if r.startswith("!")}
+    for src in _copied_sources():
+        assert src.rstrip("/").split("/")[0] in allowed, src
+
+
+def _constraints() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"{CONSTRAINTS.name}: {line!r} is not NAME==VERSION"
+            key = canonicalize_name(name)
+            assert key not in pins, f"{CONSTRAINTS.name}: {name} pinned twice"
+            pins[key] = version
+    return pins
+
+
+def test_constraints_pin_every_dependency_within_its_range():
+    pins = _constraints()
+    requires = [Requirement(r) for r in importlib.metadata.requires("raytag") or []]
+    runtime = [r for r in requires if r.marker is None]  # the extras (dev, bench) stay out of the image
+    assert {canonicalize_name(r.name) for r in runtime} == set(pins), "one pin per dependency"
+    for req in runtime:
+        assert req.specifier.contains(pins[canonicalize_name(req.name)]), (str(req), pins[req.name])
+    assert f"torch=={pins['torch']}" == _makefile_torch()
+    assert pins["ray"] == ray.__version__
+
+
+def test_definitions_run_the_image_the_dockerfile_documents():
+    # The one check that ties the three files: a definition that went back to the stock Ray image
+    # (or another tag) fails here, as does a Dockerfile documenting another name.
+    image = _documented_image()
+    name, _, tag = image.rpartition(":")
+    assert name.endswith("/raytag") and tag == importlib.metadata.version("raytag"), image
+    used = [_load(AWS_YAML)["docker"]["image"]]
+    used += [c["image"] for cs in _ray_containers(_load(RAYJOB_YAML)).values() for c in cs]
+    assert used == [image] * 3, used

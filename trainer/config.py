@@ -49,7 +49,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "xlm-roberta-base"
-    """A local folder or a hub name; `builtin:tiny-xlmr` builds the demo's tiny XLM-R."""
+    """A local folder or a hub name; `builtin:tiny-xlmr` builds the demo's tiny XLM-R;
+    `builtin:xlmr-base-random[:TOKENIZER]` a randomly initialised xlm-roberta-base (for benchmarks)."""
     max_length: int | None = None
     """Window length in tokens (specials included); default: the model's own limit (512 for XLM-R)."""
     stride: int = 64

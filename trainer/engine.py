@@ -47,7 +47,9 @@ def resolve_precision(requested: str, use_gpu: bool) -> str:
             )
         return requested
     if use_gpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Native bf16 only (compute capability 8.0+): torch's default also counts GPUs that merely
+        # emulate it (a V100 or T4 can hold bf16 tensors), where bf16 is slower than fp16.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp32"
 
 
