@@ -64,6 +64,35 @@ _UPLOADED = ".raytag-uploaded-rank"
 Log = Callable[[str], Any]
 
 
+@dataclass(frozen=True)
+class Part:
+    """One rank's part of a checkpoint: what it wrote, as recorded on its node (`.raytag-written-rankN`)."""
+
+    rank: int
+    world: int
+    step: int
+    files: list[str]  # relative paths of the rank's own files in the checkpoint folder
+    metrics: dict[str, Any]
+    meta: dict[str, Any]
+
+    def marker(self) -> str:
+        return json.dumps(
+            {k: getattr(self, k) for k in ("rank", "world", "step", "files", "metrics", "meta")}
+        )
+
+    @classmethod
+    def from_marker(cls, text: str) -> Part:
+        doc = json.loads(text)
+        return cls(
+            int(doc["rank"]),
+            int(doc["world"]),
+            int(doc["step"]),
+            list(doc["files"]),
+            doc["metrics"],
+            doc["meta"],
+        )
+
+
 class Group(Protocol):
     """What the run needs from the process group (trainer/dist.py provides it)."""
 
@@ -296,59 +325,40 @@ class RunStore:
                 self.store.save(folder, name, step, metrics, meta=meta)
             return
         own = [p for p in local_files(folder) if owned_by(p, rank) and not p.startswith(".raytag-")]
-        (folder / f"{_WRITTEN}{rank}").write_text(
-            json.dumps({"world": world, "step": step, "metrics": metrics, "meta": meta, "files": own})
-        )
-        future = self._parts.submit(self._commit_part, folder, name, rank, world, own, step, metrics, meta)
+        part = Part(rank, world, step, own, metrics, meta)
+        (folder / f"{_WRITTEN}{rank}").write_text(part.marker())
+        future = self._parts.submit(self._commit_part, folder, part)
         with self._pending_lock:
             self._pending.append(future)
 
-    def _commit_part(
-        self,
-        folder: Path,
-        name: str,
-        rank: int,
-        world: int,
-        own: list[str],
-        step: int,
-        metrics: dict[str, Any],
-        meta: dict[str, Any],
-    ) -> None:
+    def _commit_part(self, folder: Path, part: Part) -> None:
+        name = folder.name
         try:
-            self._upload_part(folder, name, rank, world, own, step, metrics, meta)
-            if rank == 0:
-                self._write_manifest_when_complete(name, world)
+            self._upload_part(folder, part)
+            if part.rank == 0:
+                self._write_manifest_when_complete(name, part.world)
         except Exception as exc:
             raise CheckpointUploadError(
                 redact(f"checkpoint {name} was not saved to {self.store.where(name)}: {exc}")
             ) from exc
         self._prune_staging()
 
-    def _upload_part(
-        self,
-        folder: Path,
-        name: str,
-        rank: int,
-        world: int,
-        own: list[str],
-        step: int,
-        metrics: dict[str, Any],
-        meta: dict[str, Any],
-    ) -> None:
-        """Upload rank `rank`'s files of checkpoint `name`, then its part marker; mark it uploaded locally."""
-        entries = file_entries(folder, own)
+    def _upload_part(self, folder: Path, part: Part) -> None:
+        """Upload a rank's files of the checkpoint in `folder`, then its part marker; mark it uploaded locally."""
+        name = folder.name
+        entries = file_entries(folder, part.files)
         target = join_key(self.name, CHECKPOINTS, name)
-        self.store._upload_files(folder, target, own)
-        marker = {"rank": rank, "world": world, "files": entries}
-        if rank == 0:
-            marker.update({"step": step, "metrics": metrics, "meta": meta})
+        self.store._upload_files(folder, target, part.files)
+        marker: dict[str, Any] = {"rank": part.rank, "world": part.world, "files": entries}
+        if part.rank == 0:  # rank 0's marker carries what the manifest needs besides the files
+            marker.update({"step": part.step, "metrics": part.metrics, "meta": part.meta})
         self.store._call(
             lambda: self.storage.put_bytes(
-                join_key(target, PARTS, f"rank-{rank:05d}.json"), json.dumps(marker).encode()
+                join_key(target, PARTS, f"rank-{part.rank:05d}.json"), json.dumps(marker).encode()
             ),
-            f"writing part {rank} of {name}",
+            f"writing part {part.rank} of {name}",
         )
-        (folder / f"{_UPLOADED}{rank}").write_text("")
+        (folder / f"{_UPLOADED}{part.rank}").write_text("")
 
     def _parts_of(self, name: str) -> dict[int, dict[str, Any]]:
         prefix = join_key(self.name, CHECKPOINTS, name, PARTS)
@@ -405,27 +415,16 @@ class RunStore:
             if folder.name in complete:
                 continue
             for marker in sorted(folder.glob(f"{_WRITTEN}*")):
-                rank = int(marker.name[len(_WRITTEN) :])
-                if (folder / f"{_UPLOADED}{rank}").exists():
-                    continue
                 try:
-                    doc = json.loads(marker.read_text())
-                    own = list(doc["files"])
-                except (OSError, ValueError, KeyError):
+                    part = Part.from_marker(marker.read_text())
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # a marker cut off mid-write: that part is not on this disk
+                if (folder / f"{_UPLOADED}{part.rank}").exists():
                     continue
-                if not all((folder / p).is_file() for p in own):
+                if not all((folder / p).is_file() for p in part.files):
                     continue
-                self.log(f"checkpoint {folder.name}: uploading rank {rank}'s part left on this node")
-                self._upload_part(
-                    folder,
-                    folder.name,
-                    rank,
-                    int(doc["world"]),
-                    own,
-                    doc["step"],
-                    doc["metrics"],
-                    doc["meta"],
-                )
+                self.log(f"checkpoint {folder.name}: uploading rank {part.rank}'s part left on this node")
+                self._upload_part(folder, part)
 
     def _complete_from_parts(self) -> None:
         """Rank 0: write the manifest of every checkpoint whose parts are all in the bucket but that has none."""
