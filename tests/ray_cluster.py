@@ -9,6 +9,10 @@ looks like several to Ray and to the code it runs::
         cluster.add_node(num_cpus=2)        # any time later, e.g. while a job waits for it
         subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard_url, ...], env=cluster.env)
         cluster.kill_node(1)                 # SIGKILL, like a lost machine
+        cluster.node_ids()                   # alive node ids, as the GCS sees them
+
+A worker that asks for ``{"CPU": 1, "raytag_slot": 1}`` gets a node of its own: every node has
+one ``raytag_slot``. ``RayNode.tmpdir``, ``.node_id``, ``.ip`` say what each node's tasks see.
 
 Facts this relies on (Ray 2.60, checked on this machine):
 
@@ -70,6 +74,13 @@ MARKER_VAR = "RAYTAG_TEST_RAY_NODE"  # <cluster token>/<node index>, in the envi
 START_TIMEOUT_S = 120.0
 JOIN_TIMEOUT_S = 60.0
 KILL_TIMEOUT_S = 15.0
+# For fault tests, as start_head(env=FAST_FAILURE_DETECTION): the GCS declares a SIGKILLed node dead
+# after ~4 s instead of ~15 s (Ray's default health checks: every 3 s, dead after 5 misses).
+FAST_FAILURE_DETECTION = {
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
 # Each node's session leader: runs `ray start` (which exits once the node's daemons run), writes its
 # exit status to $1, then sleeps until killed. Alive, it keeps the session id from being reused.
 ANCHOR = (
@@ -500,6 +511,8 @@ class RayCluster:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
     """A head and one more node, each with 2 CPUs and one ``raytag_slot``; stopped after the module."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("RayCluster finds its processes in /proc (Linux)")
     with RayCluster() as cluster:
         cluster.start_head()
         cluster.add_node()

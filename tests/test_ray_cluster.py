@@ -59,7 +59,7 @@ def _meet_and_tell(ray, count: int, timeout_s: float = 60.0) -> list[tuple[str, 
             time.sleep(0.05)
         return _where()
 
-    meeting = Meeting.remote()  # type: ignore[attr-defined]  (ray.remote makes the class an actor class)
+    meeting = Meeting.remote()  # type: ignore[attr-defined]
     return ray.get([slot_task.remote(meeting) for _ in range(count)], timeout=timeout_s + 60)
 
 
