@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.s3_server import aws_env, s3_server  # noqa: F401  (registers the fixtures)
+from tests.ray_cluster import ray_cluster  # noqa: F401  (registers the fixtures)
+from tests.s3_server import aws_env, s3_server  # noqa: F401
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from raytag.trainer.config import load_config, to_dict
+from tests.ray_cluster import RAY, RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -38,75 +33,12 @@ COMMON = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _our_ray_pids(marker: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmd and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
-    return pids
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on free loopback ports, authentication off; stops only the processes it started."""
-    temp_dir = tempfile.mkdtemp(prefix="rt-ray-", dir="/tmp")  # short: Ray's socket paths must fit
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
-    cmd = [
-        RAY,
-        "start",
-        "--head",
-        "--num-cpus=2",
-        f"--port={gcs}",
-        "--node-ip-address=127.0.0.1",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    if r.returncode != 0:
-        pytest.fail(f"ray start failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
-    try:
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        # `ray stop` would stop every Ray process of this user, not only ours.
-        for pid in _our_ray_pids(temp_dir) + _our_ray_pids(f"127.0.0.1:{gcs}"):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
-        for pid in _our_ray_pids(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """A Ray head (2 CPUs) on free loopback ports, authentication off; stops only the processes it started."""
+    with RayCluster() as cluster:
+        cluster.start_head(num_cpus=2)
+        yield cluster.dashboard_url, cluster.env
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

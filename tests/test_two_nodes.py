@@ -1,0 +1,233 @@
+"""The real cluster shape on one machine: two Ray nodes (each its own temp dir, TMPDIR and one
+`raytag_slot`, so each hosts one training worker), S3 storage on the real test server, jobs
+submitted with `ray job submit` as users do.
+
+- A local-folder `run.storage` is refused before step 1 although the second node joined after
+  the job started (the driver saw one node; the placed workers see two).
+- ZeRO-2 and ZeRO-3 with 2 workers (one per node): outputs in the bucket, both ranks' shards
+  in the manifest, evaluation completing on an evaluation set whose batches split unequally
+  between the ranks, test scores from the checkpoint the manifest names as best, per-step
+  losses equal to 1 worker with 2 accumulation steps, and no staging left on either node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytag.trainer.config import load_config, to_dict
+from tests.helpers import RUN_OUTPUTS
+from tests.ray_cluster import SLOT, RayCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.integration]
+
+COMMON = [
+    "data.max_train_samples=200",
+    "data.max_eval_samples=60",
+    "train.batch_tokens=512",
+    "train.max_steps=6",
+    "train.log_every=1",
+    "train.save_every=3",
+    "train.eval_every=2",
+    "model.dropout=0.0",  # dropout masks come from per-rank RNG streams; the maths must match without them
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """A head with one slot; tests add the second node (the first test does it while its job waits).
+
+    The S3 server's variables are in every node's environment: workers take credentials from
+    their node, never from the job."""
+    with RayCluster(env=s3_server.aws_env()) as c:
+        c.start_head()
+        yield c
+
+
+def two_nodes(cluster: RayCluster) -> None:
+    if len(cluster.nodes) < 2:
+        cluster.add_node()
+
+
+def submit(cluster: RayCluster, *overrides: str) -> str:
+    job_id = f"raytag-2n-{os.getpid()}-{time.time_ns()}"
+    cmd = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(ROOT),
+        "--no-wait",
+        "--",
+        "python",
+        "trainer/main.py",
+        "--config",
+        "configs/demo.yaml",
+        "scaling.num_workers=2",
+        f"scaling.worker_resources={{{SLOT}: 1}}",
+        *overrides,
+    ]
+    r = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return job_id
+
+
+def wait(cluster: RayCluster, job_id: str, timeout_s: float = 600) -> tuple[str, str]:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    deadline = time.time() + timeout_s
+    status = client.get_job_status(job_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    return str(status), client.get_job_logs(job_id)
+
+
+def test_local_folder_is_refused_when_a_node_joins_after_the_job_started(cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    assert len(cluster.nodes) == 1
+    job_id = submit(cluster, f"run.storage={tmp_path / 'runs'}", "run.name=local", *COMMON)
+    client = JobSubmissionClient(cluster.dashboard_url)
+    deadline = time.time() + 120
+    while "Ray Train: 2 worker(s)" not in client.get_job_logs(job_id) and time.time() < deadline:
+        time.sleep(1)  # the driver passed its own check (one node) and waits for a second slot
+    assert client.get_job_status(job_id) == JobStatus.RUNNING
+    cluster.add_node()
+    status, logs = wait(cluster, job_id)
+    assert status == "FAILED", logs[-4000:]
+    assert "raytag: error: run.storage: the local folder" in logs and "sit on 2 nodes" in logs, logs[-4000:]
+    assert "step 1/" not in logs  # refused before the first step
+    assert logs.count("[FailurePolicy] RETRY") == 0, logs[-4000:]  # a user error is not retried
+    assert not (tmp_path / "runs" / "local" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_workers_on_two_nodes(cluster, aws_env, stage, tmp_path):
+    two_nodes(cluster)
+    bucket = aws_env.make_bucket()
+    name = f"zero{stage}"
+    job_id = submit(
+        cluster, f"run.storage=s3://{bucket}/runs", f"run.name={name}", f"train.zero_stage={stage}", *COMMON
+    )
+    status, logs = wait(cluster, job_id)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert f"ZeRO-{stage}, 2 worker(s)" in logs
+
+    client = aws_env.client()
+
+    def get(rel: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=f"runs/{name}/{rel}")["Body"].read()
+
+    listed = {
+        o["Key"][len(f"runs/{name}/") :]
+        for o in client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{name}/", MaxKeys=1000)["Contents"]
+    }
+    for rel in RUN_OUTPUTS:
+        assert rel in listed, rel
+    results = json.loads(get("results.json"))
+    assert results["global_steps"] == 6
+    manifest = json.loads(get("checkpoints/step-00000006/MANIFEST.json"))
+    files = {f["path"] for f in manifest["files"]}
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= files
+    assert any("zero_pp_rank_0_" in f for f in files) and any("zero_pp_rank_1_" in f for f in files)
+    assert manifest["meta"]["world"] == 2
+    # Test scores come from the checkpoint the manifest names as best, and so do model/'s weights.
+    best = manifest["meta"]["best"]
+    assert best == results["best_checkpoint"] == results["model_checkpoint"]
+    assert f"checkpoints/{best}/MANIFEST.json" in listed
+    model = tmp_path / "model"
+    for rel in listed:
+        if rel.startswith("model/"):
+            (model / rel[len("model/") :]).parent.mkdir(parents=True, exist_ok=True)
+            (model / rel[len("model/") :]).write_bytes(get(rel))
+    assert json.loads((model / "raytag.json").read_text())["checkpoint"] == best
+    from raytag.trainer.predict import predict
+
+    test_file = tmp_path / "test.txt"
+    test_file.write_text(
+        "".join(block + "\n\n" for block in _first_sentences(ROOT / "trainer/assets/demo/test.txt", 60))
+    )
+    scores = predict(str(model), str(test_file), str(tmp_path / "pred.txt"))
+    assert scores["f1"] == pytest.approx(results["test"]["f1"], abs=1e-9)
+    # Evaluation ran on both ranks with unequal shares: validation's batches are odd in number.
+    assert _eval_batches(60) % 2 == 1
+    evals = [json.loads(x) for x in get("metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in evals if r["type"] == "eval" and r["split"] == "validation"] == [2, 4, 6]
+    # No staging left on either node once the run finished: the bucket holds it.
+    for node in cluster.nodes:
+        staged = node.tmpdir / "raytag-staging"
+        assert not staged.exists() or not any(p.name.startswith(f"{name}-") for p in staged.iterdir())
+
+    # Data-parallel equivalence: 1 worker with 2 accumulation steps sees the same global batches.
+    from raytag.trainer.loop import train_loop
+
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"run.storage={tmp_path / 'single'}",
+            "run.name=single",
+            "train.gradient_accumulation_steps=2",
+            *COMMON,
+        ],
+    )
+    single = train_loop(to_dict(cfg))
+    a = {r["step"]: r["loss"] for r in evals if r["type"] == "train"}
+    b = {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (tmp_path / "single" / "single" / "metrics.jsonl").read_text().splitlines())
+        if r["type"] == "train"
+    }
+    import torch
+
+    # Tolerance: the all-reduce sums gradients in another order than one process does (fp32).
+    torch.testing.assert_close(
+        torch.tensor([a[s] for s in range(1, 7)]),
+        torch.tensor([b[s] for s in range(1, 7)]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert single["train_tokens"] == results["train_tokens"]
+
+
+def _first_sentences(path: Path, n: int) -> list[str]:
+    """The first `n` sentences of a CoNLL file (data.max_eval_samples=n reads the same)."""
+    blocks, cur = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("-DOCSTART-"):
+            continue
+        if line.strip():
+            cur.append(line)
+        elif cur:
+            blocks.append("\n".join(cur))
+            cur = []
+    if cur:
+        blocks.append("\n".join(cur))
+    return blocks[:n]
+
+
+def _eval_batches(n: int) -> int:
+    """How many evaluation batches the demo's validation set makes (its first n sentences)."""
+    from raytag.trainer.batching import plan_batches
+    from raytag.trainer.loop import load_data
+
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml", [f"data.max_eval_samples={n}", "data.max_train_samples=10"]
+    )
+    enc = load_data(cfg).encoded["validation"]
+    lengths = [len(w) for w in enc.windows]
+    return len(plan_batches(lengths, cfg.train.eval_batch_tokens, 1024, seed=0, epoch=0, shuffle=False))
