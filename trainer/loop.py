@@ -179,8 +179,11 @@ def train_loop(
             if group.rank == 0:
                 run.get_file("metrics.jsonl")  # a fresh node continues the run's metrics
 
-        metrics = MetricsLog(run.workdir / "metrics.jsonl", progress.global_step if resumed_from else None)
-        if group.rank == 0:
+        metrics = None
+        if group.rank == 0:  # rank 0 alone writes the run's files (ranks may share the working folder)
+            metrics = MetricsLog(
+                run.workdir / "metrics.jsonl", progress.global_step if resumed_from else None
+            )
             (run.workdir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
             write_json(run.workdir / "labels.json", data.labels)
             run.publish("config.yaml")
@@ -203,9 +206,7 @@ def train_loop(
         view = ProgressView(
             total_steps, progress.global_step, enabled=group.rank == 0, log_every=tc.log_every
         )
-        s = Session(
-            cfg, run, engine, spec, data, device, pad_id, metrics if group.rank == 0 else None, view, report
-        )
+        s = Session(cfg, run, engine, spec, data, device, pad_id, metrics, view, report)
 
         # ---- the loop
         window = _Window()
