@@ -4,18 +4,28 @@ Keys are '/'-separated paths relative to the storage root (the folder, or the pr
 ``s3://bucket/prefix``). A *prefix* in ``list``/``list_sizes``/``delete_prefix`` names a
 folder: ``list("checkpoints/step-1")`` never returns keys of ``checkpoints/step-10``.
 
+Conditional writes (``get_versioned``, ``put_if_absent``, ``replace_if``) let exactly one of
+several writers create or replace a small object: the run lease (``runlock.py``) is built on
+them. A folder does them with a hard link (create) and a file lock around compare-and-rename
+(replace); a bucket with S3's ``If-None-Match: *`` and ``If-Match: <etag>`` on PutObject, once a
+probe has shown that the server honours them. Where it does not, they raise
+``ConditionalWriteUnsupported`` and the caller decides what to do without them.
+
 Secrets (the AWS secret key and session token) never appear in a message, log line, ``str``
 or ``repr`` made here; ``redact`` removes them from any other text.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -23,6 +33,7 @@ from urllib.parse import urlparse
 
 TMP_MARK = ".raytag-tmp-"
 PREFLIGHT_MARK = ".raytag-preflight-"
+LOCK_MARK = f"{TMP_MARK}flock-"  # a folder's sidecar lock file for replace_if (never listed)
 DEFAULT_MULTIPART_THRESHOLD = 64 * 1024 * 1024
 DEFAULT_MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
 PREFLIGHT_READ_TIMEOUT = 10.0
@@ -45,6 +56,20 @@ class StorageError(Exception):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(redact(message))
         self.transient = transient
+
+
+class ConditionalWriteUnsupported(StorageError):
+    """The storage cannot make a write conditional (the server ignores or refuses the headers,
+    or the file system has no hard links or file locks); the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's content and the version token that ``replace_if`` compares: the S3 ETag,
+    or the sha256 of a file's content."""
+
+    data: bytes
+    version: str
 
 
 @runtime_checkable
@@ -76,6 +101,23 @@ class Storage(Protocol):
     def preflight(self, create_bucket: bool = False) -> None: ...
 
     def list(self, prefix: str) -> list[str]: ...
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        """The content of ``key`` with its version token, or None when it does not exist."""
+        ...
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create ``key`` only if it does not exist: its new version token, or None when it existed.
+
+        Atomic: of several writers racing for an absent key exactly one gets a version. Raises
+        ConditionalWriteUnsupported where the storage cannot do this, StorageError on failure.
+        """
+        ...
+
+    def replace_if(self, key: str, data: bytes, version: str) -> str | None:
+        """Overwrite ``key`` only if its version is still ``version``: the new version token, or
+        None when it changed or is gone (compare-and-swap). Raises as ``put_if_absent``."""
+        ...
 
 
 # --------------------------------------------------------------------------- helpers
@@ -331,6 +373,133 @@ class LocalStorage:
         """Every key below folder ``prefix`` (recursive), sorted."""
         return sorted(self.list_sizes(prefix))
 
+    # -- conditional writes
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        """The content of ``key`` and its sha256 (the version ``replace_if`` compares), or None."""
+        data = self.get_bytes(key)
+        return None if data is None else Versioned(data, _sha256(data))
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create ``key`` with ``data`` unless it exists: its version, or None when it existed.
+
+        The data is written (and fsynced) to a temporary file first, then hard-linked to the
+        key: ``link`` fails when the name exists, so exactly one of racing writers wins, on a
+        local disk and on NFS alike, and a reader never sees a partial file. Raises
+        ConditionalWriteUnsupported on a file system without hard links, StorageError otherwise.
+        """
+        target = self._path(key)
+        for attempt in range(3):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self._write_tmp(target, data)
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return None
+                except OSError as exc:
+                    if exc.errno in _NO_LINKS:
+                        raise ConditionalWriteUnsupported(
+                            f"folder {self.uri} cannot create {self.display(key)} atomically: "
+                            f"the file system has no hard links ({exc.strerror})"
+                        ) from exc
+                    raise
+                finally:
+                    tmp.unlink(missing_ok=True)
+                return _sha256(data)
+            except StorageError:
+                raise
+            except FileNotFoundError as exc:
+                if attempt == 2:  # the folder vanished under us (another job deleting the run): again
+                    raise self._fail("create", key, exc) from exc
+            except OSError as exc:
+                raise self._fail("create", key, exc) from exc
+        raise AssertionError("unreachable")
+
+    def replace_if(self, key: str, data: bytes, version: str) -> str | None:
+        """Overwrite ``key`` with ``data`` if its content's sha256 still is ``version``; else None.
+
+        Compare-and-rename under an exclusive lock on a sidecar file of the folder
+        (``.raytag-tmp-flock-<name>``, never listed): every ``replace_if`` of the key takes it,
+        reads and compares the current file, then ``os.replace``s a fully written temporary
+        file over it. The key never disappears in between, so ``put_if_absent`` (which needs
+        no lock) cannot slip in. An in-process lock serialises this process's threads first:
+        on NFS Linux emulates ``flock`` with byte-range locks, which do not exclude threads of
+        one process. Raises ConditionalWriteUnsupported where the file system has no locks,
+        StorageError otherwise.
+        """
+        target = self._path(key)
+        sidecar = target.with_name(f"{LOCK_MARK}{target.name}")
+        try:
+            with _file_lock(sidecar, self.uri):
+                try:
+                    current = target.read_bytes()
+                except FileNotFoundError:
+                    return None
+                if _sha256(current) != version:
+                    return None
+                tmp = self._write_tmp(target, data)
+                try:
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise self._fail("replace", key, exc) from exc
+        return _sha256(data)
+
+    @staticmethod
+    def _write_tmp(target: Path, data: bytes) -> Path:
+        """``data`` in a new fsynced temporary file beside ``target`` (the caller removes it)."""
+        tmp = target.with_name(f"{TMP_MARK}{uuid.uuid4().hex}-{target.name}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+_NO_LOCKS = {errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def _file_lock(path: Path, where: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) against other processes and threads.
+
+    Raises ConditionalWriteUnsupported when the file system refuses file locks.
+    """
+    import fcntl
+
+    with _thread_locks_guard:
+        in_process = _thread_locks.setdefault(str(path), threading.Lock())
+    with in_process:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if exc.errno in _NO_LOCKS:
+                    raise ConditionalWriteUnsupported(
+                        f"folder {where} cannot lock {path.name} for a conditional write: "
+                        f"the file system has no file locks ({exc.strerror})"
+                    ) from exc
+                raise
+            yield  # closing the descriptor releases the lock
+        finally:
+            os.close(fd)
+
 
 def _same_file(a: Path, b: Path) -> bool:
     """True when ``a`` and ``b`` are the same existing file."""
@@ -487,6 +656,8 @@ class S3Storage:
             min(max_attempts, PREFLIGHT_MAX_ATTEMPTS),
         )
         self._probe: Any = None
+        self._conditional: str | None = None  # after the probe: "" = honoured, else why not
+        self._conditional_lock = threading.Lock()
         self.endpoint_url: str = self._client.meta.endpoint_url
         self.region: str | None = self._client.meta.region_name
         self._transfer = TransferConfig(
@@ -725,6 +896,126 @@ class S3Storage:
     def list(self, prefix: str) -> list[str]:
         """Every key below folder ``prefix`` (recursive), relative to the root, sorted."""
         return sorted(self.list_sizes(prefix))
+
+    # -- conditional writes
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        """The content of ``key`` and its ETag (what ``replace_if`` compares), or None when missing."""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return Versioned(response["Body"].read(), str(response["ETag"]))
+        except Exception as exc:
+            if _client_error_code(exc)[0] in _MISSING_CODES:
+                return None
+            raise self._fail("read", key, exc) from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create ``key`` unless it exists (PutObject with ``If-None-Match: *``): its ETag, or None.
+
+        The server decides atomically; None also for 409 ConditionalRequestConflict (AWS: a
+        concurrent write won). Before the first conditional write this storage probes whether
+        the server honours the headers (see ``conditional_writes``); raises
+        ConditionalWriteUnsupported where it does not, StorageError on other failures.
+        """
+        self._require_conditional()
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def replace_if(self, key: str, data: bytes, version: str) -> str | None:
+        """Overwrite ``key`` if its ETag still is ``version`` (PutObject with ``If-Match``): the new
+        ETag, or None when it changed or is gone. Probes and raises as ``put_if_absent``."""
+        self._require_conditional()
+        return self._conditional_put(key, data, IfMatch=version)
+
+    def conditional_writes(self) -> tuple[bool, str]:
+        """(True, "") when the server honours conditional PutObject, else (False, why not).
+
+        Probed once per storage object with a throwaway key ``<prefix>/.raytag-preflight-cas-<uuid>``
+        (four small requests, then deleted): create with ``If-None-Match: *`` must succeed and
+        repeating it must fail with 412; ``If-Match`` with a wrong ETag must fail with 412 and
+        with the right one succeed. A server that refuses the headers (501 NotImplemented, 400)
+        or silently writes anyway does not honour them. Raises StorageError when the probe
+        cannot run (unreachable endpoint, access denied): nothing is cached then.
+        """
+        with self._conditional_lock:
+            if self._conditional is None:
+                self._conditional = self._probe_conditional()
+            return not self._conditional, self._conditional
+
+    def _require_conditional(self) -> None:
+        honoured, why = self.conditional_writes()
+        if not honoured:
+            raise ConditionalWriteUnsupported(
+                f"S3 endpoint {self.endpoint_url} (bucket '{self.bucket}') does not honour conditional writes: {why}"
+            )
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> str | None:
+        try:
+            response = self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+            return str(response["ETag"])
+        except Exception as exc:
+            code, status = _client_error_code(exc)
+            if status in (412, 409) or code in _PRECONDITION_CODES or code in _MISSING_CODES:
+                return None  # If-Match on a missing key: 404 on AWS, 412 on SeaweedFS
+            if _unsupported_answer(code, status):
+                with self._conditional_lock:
+                    self._conditional = f"PutObject with {', '.join(condition)} answered {code or status}"
+                raise ConditionalWriteUnsupported(
+                    f"S3 endpoint {self.endpoint_url} (bucket '{self.bucket}') does not honour "
+                    f"conditional writes: {self._conditional}"
+                ) from exc
+            raise self._fail("write", key, exc) from exc
+
+    def _probe_conditional(self) -> str:
+        """Why the server does not honour conditional PutObject ('' when it does); see conditional_writes."""
+        probe = f"{PREFLIGHT_MARK}cas-{uuid.uuid4().hex}"
+        key = self._key(probe)
+        client = self._client
+
+        def put(body: bytes, **condition: str) -> tuple[str | None, str]:
+            """(ETag, '') on success; (None, code) when the condition failed or was refused."""
+            try:
+                return str(client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)["ETag"]), ""
+            except Exception as exc:
+                code, status = _client_error_code(exc)
+                if (
+                    status in (400, 409, 412)
+                    or code in _PRECONDITION_CODES
+                    or _unsupported_answer(code, status)
+                ):
+                    return None, code or str(status)
+                raise self._fail("write a conditional-write probe as", probe, exc) from exc
+
+        try:
+            first, refused = put(b"1", IfNoneMatch="*")
+            if first is None:
+                return f"PutObject with If-None-Match: * on a new key answered {refused}"
+            again, refused = put(b"2", IfNoneMatch="*")
+            if again is not None:
+                return "PutObject with If-None-Match: * overwrote an existing object"
+            if refused not in _PRECONDITION_CODES and refused != "412":
+                return f"PutObject with If-None-Match: * on an existing object answered {refused}, not 412"
+            stale, refused = put(b"3", IfMatch='"00000000000000000000000000000000"')
+            if stale is not None:
+                return "PutObject with If-Match and a wrong ETag overwrote the object"
+            if refused not in _PRECONDITION_CODES and refused != "412":
+                return f"PutObject with If-Match and a wrong ETag answered {refused}, not 412"
+            fresh, refused = put(b"4", IfMatch=first)
+            if fresh is None:
+                return f"PutObject with If-Match and the object's own ETag answered {refused}"
+            return ""
+        finally:
+            try:
+                client.delete_object(Bucket=self.bucket, Key=key)
+            except Exception:
+                pass  # a leftover probe object is harmless; the probe's answer stands
+
+
+_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def _unsupported_answer(code: str, status: int) -> bool:
+    """True when a conditional PutObject was refused because the server does not do conditions."""
+    return status == 501 or code in ("NotImplemented", "InvalidArgument", "InvalidRequest")
 
 
 def _new_client(
