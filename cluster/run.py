@@ -52,7 +52,7 @@ from .checkpoints import (
     hash_file,
     local_files,
 )
-from .runlock import RunLock
+from .runlock import LOCK, RunLock, RunLockedError
 from .storage import Storage, StorageError, join_key, redact
 
 PARTS = ".parts"
@@ -149,6 +149,14 @@ def needed_by(rel: str, rank: int) -> bool:
     return owner is None or owner == rank
 
 
+def wipe_run(storage: Storage, name: str) -> None:
+    """Delete everything of run `name` but its lease (`run.new_run`, carried out by the lease holder)."""
+    lock_key = join_key(name, LOCK)
+    for key in storage.list(f"{name}/"):
+        if key != lock_key:
+            storage.delete(key)
+
+
 def staging_folder(root: str | Path | None, storage_uri: str, name: str) -> Path:
     """The node-local working folder of a bucket run: keyed by the full run location, not the name alone."""
     base = Path(root) if root else Path(tempfile.gettempdir()) / "raytag-staging"
@@ -217,14 +225,13 @@ class RunStore:
                 f"sit on {len(set(nodes))} nodes (each node would see its own folder); use s3://bucket/prefix"
             )
         workdir = local if local is not None else staging_folder(staging_root, storage.uri, name)
-        lock = RunLock(storage, name, owner) if group.rank == 0 else None
+        lock = RunLock(storage, name, owner, log=log) if group.rank == 0 else None
         error: BaseException | None = None
         if lock is not None:
             try:
-                lock.check()  # before anything is deleted or written: a second live job is refused here
+                lock.acquire()  # first: a second live job is refused before anything is deleted
                 if new_run:
-                    storage.delete_prefix(f"{name}/")
-                lock.acquire()
+                    wipe_run(storage, name)
             except BaseException as exc:
                 error = exc
         group.agree(error)
@@ -316,7 +323,12 @@ class RunStore:
         failure on one rank never leaves the others waiting in a collective. `meta` goes into the
         manifest (e.g. the best checkpoint so far, the worker count).
         """
-        self.group.agree(self._failed())
+        failed = self._failed()
+        if failed is None and self._lock is not None and self._lock.lost:
+            failed = RunLockedError(
+                f"{self._lock.lost}: stopping before writing checkpoint {checkpoint_name(step)}"
+            )
+        self.group.agree(failed)
         name = checkpoint_name(step)
         rank, world = self.group.rank, self.group.world
         if not self.remote:

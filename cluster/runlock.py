@@ -288,6 +288,13 @@ class RunLock:
         self._log(f"{self.lost}; this job stops renewing it (two jobs may now write the run)")
         return False
 
+    def stop_heartbeat(self) -> None:
+        """Stop renewing without giving the lease up (the Ray driver hands it to its workers, which
+        hold it under the same owner id)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours; storage errors are ignored."""
         self._stop.set()

@@ -90,6 +90,7 @@ def _preflight(cfg: Config) -> Config:
     that Ray restarts resumes the fresh run instead of wiping it again.
     """
     from raytag.cluster.checkpoints import CheckpointStore
+    from raytag.cluster.run import wipe_run
     from raytag.cluster.runlock import RunLock
     from raytag.cluster.storage import join_key, open_storage
     from raytag.trainer.data import make_labels
@@ -111,12 +112,17 @@ def _preflight(cfg: Config) -> Config:
                 return storage.get_bytes(join_key(cfg.run.name, "checkpoints", i.name, rel))
 
             check_resume(cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers)
-    RunLock(storage, cfg.run.name, cfg.run.owner or "").check()
-    if cfg.run.new_run:
-        log.info("run.new_run: removing %s", storage.display(f"{cfg.run.name}/"))
-        storage.delete_prefix(f"{cfg.run.name}/")
-        return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, new_run=False))
-    return cfg
+    lock = RunLock(storage, cfg.run.name, cfg.run.owner or "", log=log.info)
+    if not cfg.run.new_run:
+        lock.check()
+        return cfg
+    # Take the lease (with the run's owner id, which rank 0 then holds as its own) before deleting:
+    # two jobs starting over the same run together cannot both wipe it.
+    lock.acquire()
+    lock.stop_heartbeat()
+    log.info("run.new_run: removing %s", storage.display(f"{cfg.run.name}/"))
+    wipe_run(storage, cfg.run.name)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, new_run=False))
 
 
 def _ray_storage(cfg: Config) -> tuple[str, Any]:
