@@ -39,3 +39,73 @@ def kill_training_at_micro_batch(monkeypatch: pytest.MonkeyPatch, n: int) -> Cal
 
     monkeypatch.setattr(loop, "collate", dying)
     return lambda: monkeypatch.setattr(loop, "collate", real)
+
+
+# --------------------------------------------------------------------------- Ray jobs of the tests
+
+# The small demo run the Ray tests share: 200 sentences, 6 steps, a checkpoint every 3.
+RAY_SMALL = [
+    "data.max_train_samples=200",
+    "data.max_eval_samples=60",
+    "train.batch_tokens=512",
+    "train.max_steps=6",
+    "train.log_every=1",
+    "train.save_every=3",
+    "model.dropout=0.0",  # dropout masks come from per-rank RNG streams; the maths must match without them
+]
+
+
+def submit_job(dashboard_url: str, env: dict[str, str], *overrides: str) -> str:
+    """`ray job submit --no-wait` of the demo config with `overrides`, as users run it; returns the job id."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    job_id = f"raytag-test-{os.getpid()}-{time.time_ns()}"
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        dashboard_url,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(root),
+        "--no-wait",
+        "--",
+        "python",
+        "trainer/main.py",
+        "--config",
+        "configs/demo.yaml",
+        *overrides,
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return job_id
+
+
+def wait_job(dashboard_url: str, job_id: str, timeout_s: float = 600) -> tuple[str, str]:
+    """Wait until the job ends (or `timeout_s`); its final status name and its logs."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard_url)
+    deadline = time.time() + timeout_s
+    status = client.get_job_status(job_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    return str(status.value if hasattr(status, "value") else status), client.get_job_logs(job_id)
+
+
+def train_losses(metrics_lines: list[str]) -> dict[int, float]:
+    """step -> loss of the train records of metrics.jsonl lines."""
+    import json
+
+    recs = [json.loads(x) for x in metrics_lines if x.strip()]
+    return {r["step"]: r["loss"] for r in recs if r.get("type") == "train"}

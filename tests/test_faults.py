@@ -16,18 +16,14 @@ from pathlib import Path
 import pytest
 
 from raytag.trainer.config import load_config
+from tests.helpers import RAY_SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.integration]
 
-COMMON = [
-    "data.max_train_samples=200",
-    "data.max_eval_samples=60",
-    "train.batch_tokens=512",
-    "train.log_every=1",
-    "model.dropout=0.0",
-]
+# The shared small run, with this module's own steps and checkpoints.
+COMMON = [c for c in RAY_SMALL if not c.startswith(("train.max_steps", "train.save_every"))]
 
 
 @pytest.fixture(scope="module")

@@ -8,29 +8,19 @@ steps fed the same global batches.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from raytag.trainer.config import load_config, to_dict
-from tests.ray_cluster import RAY, RayCluster
+from tests.helpers import RAY_SMALL, submit_job, train_losses, wait_job
+from tests.ray_cluster import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-COMMON = [
-    "data.max_train_samples=200",
-    "data.max_eval_samples=60",
-    "train.batch_tokens=512",
-    "train.max_steps=6",
-    "train.log_every=1",
-    "train.save_every=3",
-    "model.dropout=0.0",  # dropout masks come from per-rank RNG streams; the maths must match without them
-]
+COMMON = RAY_SMALL
 
 
 @pytest.fixture(scope="module")
@@ -42,48 +32,17 @@ def ray_head():
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r.get("type") == "train"}
+    return train_losses((run_dir / "metrics.jsonl").read_text().splitlines())
 
 
 def test_ray_job_submit_two_workers(ray_head, tmp_path):
     address, env = ray_head
     storage = tmp_path / "runs"
-    job_id = f"raytag-test-{os.getpid()}-{int(time.time())}"
-    submit = [
-        RAY,
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--submission-id",
-        job_id,
-        "--working-dir",
-        str(ROOT),
-        "--no-wait",
-        "--",
-        "python",
-        "trainer/main.py",
-        "--config",
-        "configs/demo.yaml",
-        "scaling.num_workers=2",
-        f"run.storage={storage}",
-        "run.name=job",
-        *COMMON,
-    ]
-    r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    deadline = time.time() + 600
-    status = client.get_job_status(job_id)
-    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
-        time.sleep(2)
-        status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+    job_id = submit_job(
+        address, env, "scaling.num_workers=2", f"run.storage={storage}", "run.name=job", *COMMON
+    )
+    status, logs = wait_job(address, job_id)
+    assert status == "SUCCEEDED", logs[-6000:]
     assert "2 worker(s)" in logs
 
     run_dir = storage / "job"

@@ -13,8 +13,6 @@ submitted with `ray job submit` as users do.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from raytag.trainer.config import load_config, to_dict
-from tests.helpers import RUN_OUTPUTS
+from tests.helpers import RAY_SMALL, RUN_OUTPUTS, submit_job, train_losses, wait_job
 from tests.ray_cluster import SLOT, RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +28,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.integration]
 
-COMMON = [
-    "data.max_train_samples=200",
-    "data.max_eval_samples=60",
-    "train.batch_tokens=512",
-    "train.max_steps=6",
-    "train.log_every=1",
-    "train.save_every=3",
-    "train.eval_every=2",
-    "model.dropout=0.0",  # dropout masks come from per-rank RNG streams; the maths must match without them
-]
+COMMON = [*RAY_SMALL, "train.eval_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -59,42 +48,17 @@ def two_nodes(cluster: RayCluster) -> None:
 
 
 def submit(cluster: RayCluster, *overrides: str) -> str:
-    job_id = f"raytag-2n-{os.getpid()}-{time.time_ns()}"
-    cmd = [
-        RAY,
-        "job",
-        "submit",
-        "--address",
+    return submit_job(
         cluster.dashboard_url,
-        "--submission-id",
-        job_id,
-        "--working-dir",
-        str(ROOT),
-        "--no-wait",
-        "--",
-        "python",
-        "trainer/main.py",
-        "--config",
-        "configs/demo.yaml",
+        cluster.env,
         "scaling.num_workers=2",
         f"scaling.worker_resources={{{SLOT}: 1}}",
         *overrides,
-    ]
-    r = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return job_id
+    )
 
 
-def wait(cluster: RayCluster, job_id: str, timeout_s: float = 600) -> tuple[str, str]:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(cluster.dashboard_url)
-    deadline = time.time() + timeout_s
-    status = client.get_job_status(job_id)
-    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
-        time.sleep(2)
-        status = client.get_job_status(job_id)
-    return str(status), client.get_job_logs(job_id)
+def wait(cluster: RayCluster, job_id: str) -> tuple[str, str]:
+    return wait_job(cluster.dashboard_url, job_id)
 
 
 def test_local_folder_is_refused_when_a_node_joins_after_the_job_started(cluster, tmp_path):
@@ -186,12 +150,8 @@ def test_two_workers_on_two_nodes(cluster, aws_env, stage, tmp_path):
         ],
     )
     single = train_loop(to_dict(cfg))
-    a = {r["step"]: r["loss"] for r in evals if r["type"] == "train"}
-    b = {
-        r["step"]: r["loss"]
-        for r in map(json.loads, (tmp_path / "single" / "single" / "metrics.jsonl").read_text().splitlines())
-        if r["type"] == "train"
-    }
+    a = train_losses(get("metrics.jsonl").decode().splitlines())
+    b = train_losses((tmp_path / "single" / "single" / "metrics.jsonl").read_text().splitlines())
     import torch
 
     # Tolerance: the all-reduce sums gradients in another order than one process does (fp32).
