@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batching import StepPlan, plan_batches, shard_steps
+from .batching import StepPlan, plan_batches, resolve_batch_tokens, shard_steps
 from .card import render_card
 from .config import Config, ConfigError, dump_yaml, from_dict, to_dict
 from .data import Split, hub_splits, make_labels, read_split
@@ -169,9 +169,17 @@ def train_loop(config: dict[str, Any], report: Report | None = None) -> dict[str
 
         # ---- the whole schedule is planned up front from (seed, epoch): identical on every rank
         accum = tc.gradient_accumulation_steps
+        batch_tokens = resolve_batch_tokens(
+            tc.batch_tokens,
+            lengths,
+            world * accum,
+            tc.epochs,
+            tc.max_batch_sentences,
+            log.info if is_rank_zero() else None,
+        )
 
         def epoch_plan(epoch: int) -> StepPlan:
-            batches = plan_batches(lengths, tc.batch_tokens, tc.max_batch_sentences, tc.seed, epoch)
+            batches = plan_batches(lengths, batch_tokens, tc.max_batch_sentences, tc.seed, epoch)
             return shard_steps(batches, labelled, world, rank, accum)
 
         steps_per_epoch = len(epoch_plan(0).steps)
