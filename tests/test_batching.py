@@ -29,7 +29,7 @@ def run_steps(lengths: list[int], batch_tokens: int, world: int = 1, accum: int 
     return len(shard_steps(batches, [1] * len(lengths), world, 0, accum).steps)
 
 
-@pytest.mark.parametrize("n", [1000, 3000])
+@pytest.mark.parametrize("n", [1000, 3000, 12000])
 def test_small_corpus_gets_enough_steps(n):
     lengths = conll_like(n)
     choice = auto_batch_tokens(lengths, 1, 1, 256)
@@ -38,18 +38,18 @@ def test_small_corpus_gets_enough_steps(n):
     # At least the minimum number of steps, unless that would mean fewer than
     # AUTO_MIN_SENTENCES sentences per step: then about that many sentences per step.
     want = min(AUTO_MIN_STEPS, n // AUTO_MIN_SENTENCES)
-    assert steps >= 0.95 * want, (choice, steps)
-    assert n / steps >= 0.9 * AUTO_MIN_SENTENCES, (choice, steps)
+    assert steps >= 0.98 * want, (choice, steps)
+    assert n / steps >= 0.95 * AUTO_MIN_SENTENCES, (choice, steps)
     # ... and no more steps than that asks for: the largest budget that gives them.
     assert run_steps(lengths, int(choice.batch_tokens * 1.2)) < want
 
 
 def test_large_corpus_keeps_the_large_budget():
-    lengths = conll_like(14041)
-    choice = auto_batch_tokens(lengths, 1, 1, 256)
+    choice = auto_batch_tokens(conll_like(50000), 1, 1, 256)
     assert choice.batch_tokens == AUTO_MAX_TOKENS
     assert choice.steps_per_epoch >= AUTO_MIN_STEPS
-    assert auto_batch_tokens(lengths, 1, 3, 256).batch_tokens == AUTO_MAX_TOKENS
+    # CoNLL-2003's 14,041 sentences over the standard 3 epochs: about the large budget.
+    assert auto_batch_tokens(conll_like(14041), 1, 3, 256).batch_tokens >= 0.9 * AUTO_MAX_TOKENS
 
 
 def test_more_epochs_allow_larger_batches():
@@ -62,7 +62,8 @@ def test_more_epochs_allow_larger_batches():
 
 def test_budget_grows_with_the_data():
     budgets = [
-        auto_batch_tokens(conll_like(n), 1, 1, 256).batch_tokens for n in (500, 1000, 2000, 4000, 8000, 14000)
+        auto_batch_tokens(conll_like(n), 1, 1, 256).batch_tokens
+        for n in (500, 1000, 2000, 4000, 8000, 16000, 50000)
     ]
     # Non-decreasing, up to the noise of where length pools fall (the smallest sizes all sit at
     # about AUTO_MIN_SENTENCES sentences per step).

@@ -72,7 +72,7 @@ class TrainConfig:
     batch_tokens: int | Literal["auto"] = "auto"
     """Token budget of one micro-batch per worker, counted with padding (sentences x longest).
     `auto` picks it from the training data (trainer/batching.py, `auto_batch_tokens`): 1024 (about
-    43 CoNLL sentences) when the run still gets at least 250 optimizer steps, else the largest
+    43 CoNLL sentences) when the run still gets at least 1000 optimizer steps, else the largest
     budget that does, but never fewer than 8 sentences per optimizer step; the choice is logged."""
     max_batch_sentences: int = 256
     gradient_accumulation_steps: int = 1
