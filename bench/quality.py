@@ -522,9 +522,11 @@ def run_size(args, size: int | None, stamp: str) -> dict:
         )
 
     runs: list[dict] = []
-    for seed in args.seeds:
+    for k, seed in enumerate(args.seeds):
         row: dict = {"seed": seed}
-        for side in ("hf", "raytag"):
+        # The order alternates between seeds, so that a load that drifts over time (other jobs on
+        # the same cores) does not always fall on the same side.
+        for side in ("hf", "raytag") if k % 2 == 0 else ("raytag", "hf"):
             if args.only not in (side, "both"):
                 continue
             print(f"[{tag} seed {seed}] {side}: running ...", flush=True)
