@@ -1,26 +1,33 @@
 #!/usr/bin/env python3
 """Quality and throughput of raytag against the Hugging Face Trainer recipe, side by side.
 
-For each seed, two runs on the same first N CoNLL-2003 training sentences, the same
-pretrained encoder folder, the same torch thread count, one epoch, the same learning rate,
-warmup ratio (0.1), weight decay (0.01) and linear decay, each in its own subprocess:
+For each training size and seed, two runs on the same first N CoNLL-2003 training sentences,
+the same pretrained encoder folder, the same torch thread count, one epoch, the same learning
+rate and linear decay, each in its own subprocess:
 
   hf      the recipe of transformers' examples/pytorch/token-classification/run_ner.py
           (first-sub-token labels, DataCollatorForTokenClassification, Trainer, seqeval
-          metrics as run_ner's compute_metrics), written out below in `hf_worker`;
-  raytag  `python trainer/main.py --config configs/xlmr-base-conll2003.yaml ...`, whose
-          token budget per micro-batch is derived from the data so that its sentences per
-          optimizer step match the HF batch size.
+          metrics as run_ner's compute_metrics), written out below in `hf_worker`, with
+          warmup ratio 0.1 and weight decay 0.01;
+  raytag  `python trainer/main.py --config configs/xlmr-base-conll2003.yaml ...`.
 
-Prints dev F1, real (non-pad) training tokens per second and training seconds per seed,
-their means, the raytag/HF ratios and the acceptance check
-"raytag mean F1 >= HF mean F1 - 0.01", and writes all of it to bench/out/quality-<stamp>.json.
+Two modes. --defaults: each side with its own defaults (HF: TrainingArguments' batch of 8;
+raytag: the config with only epochs, learning rate and seed set, so its `batch_tokens: auto`),
+at 1000, 3000 and all sentences; the check is "raytag F1 >= HF F1 - 0.005 and raytag trains
+faster" at every size. Matched (the default mode): HF batch 16, and raytag's token budget per
+micro-batch derived from the data so that its sentences per optimizer step match it, plus the
+same warmup and weight decay; the check is "raytag mean F1 >= HF mean F1 - 0.01".
+
+Prints dev F1, training seconds, optimizer steps and real (non-pad) training tokens per
+second per run, the means per size, the raytag/HF ratios and the check, and writes all of it
+to bench/out/quality-<stamp>.json.
 
 Needs ../shared (CoNLL data and tools/make_offline_encoder.py) and the `bench` extra
 (`pip install -e .[bench]`). Exit status: 0 PASS (or nothing to compare), 1 FAIL, 2 a run
 failed or the setup is missing.
 
-    python bench/quality.py                                  # 3 seeds x 3000 sentences
+    python bench/quality.py --defaults --seeds 1             # 1000 / 3000 / all, own defaults
+    python bench/quality.py                                  # 3 seeds x 3000 sentences, matched
     python bench/quality.py --only hf --train-samples 200 --eval-samples 200 --seeds 1
 """
 
@@ -51,7 +58,7 @@ RAYTAG_CONFIG = "configs/xlmr-base-conll2003.yaml"
 WARMUP_RATIO = 0.1
 WEIGHT_DECAY = 0.01
 MAX_LENGTH = 512  # run_ner truncates at the tokenizer's model_max_length, 512 for XLM-R
-F1_TOLERANCE = 0.01
+F1_TOLERANCE = {False: 0.01, True: 0.005}  # the check's margin: matched mode, --defaults
 
 
 # --------------------------------------------------------------------------- data
@@ -376,15 +383,15 @@ def tail(path: Path, n: int = 15) -> str:
     return "\n".join("    | " + line for line in lines[-n:])
 
 
-def run_hf(args, seed: int, stamp: str) -> dict:
-    name = f"quality-s{seed}-{stamp}"
+def run_hf(args, size: int | None, seed: int, stamp: str) -> dict:
+    name = f"quality-{size_name(size)}-s{seed}-{stamp}"
     spec = {
         "seed": seed,
         "threads": args.threads,
         "model": str(ENCODER),
         "train_file": str(CONLL / "train.txt"),
         "validation_file": str(CONLL / "validation.txt"),
-        "train_samples": args.train_samples,
+        "train_samples": size,
         "eval_samples": args.eval_samples,
         "lr": args.lr,
         "hf_batch": args.hf_batch,
@@ -404,8 +411,9 @@ def run_hf(args, seed: int, stamp: str) -> dict:
     return result
 
 
-def run_raytag(args, seed: int, stamp: str, batch_tokens: int) -> dict:
-    name = f"quality-s{seed}-{stamp}"
+def run_raytag(args, size: int | None, seed: int, stamp: str, batch_tokens: int | None) -> dict:
+    """One raytag run. `batch_tokens` None (--defaults): the config's own budget, warm-up and decay."""
+    name = f"quality-{size_name(size)}-s{seed}-{stamp}"
     storage = "bench/out/runs"
     cmd = [
         sys.executable,
@@ -416,8 +424,8 @@ def run_raytag(args, seed: int, stamp: str, batch_tokens: int) -> dict:
         f"data.validation={CONLL / 'validation.txt'}",
         "data.test=null",
     ]
-    if args.train_samples is not None:
-        cmd.append(f"data.max_train_samples={args.train_samples}")
+    if size is not None:
+        cmd.append(f"data.max_train_samples={size}")
     if args.eval_samples is not None:
         cmd.append(f"data.max_eval_samples={args.eval_samples}")
     cmd += [
@@ -425,12 +433,14 @@ def run_raytag(args, seed: int, stamp: str, batch_tokens: int) -> dict:
         "train.epochs=1",
         f"train.learning_rate={args.lr}",
         f"train.seed={seed}",
-        f"train.warmup_ratio={WARMUP_RATIO}",
-        f"train.weight_decay={WEIGHT_DECAY}",
-        f"train.batch_tokens={batch_tokens}",
-        f"run.storage={storage}",
-        f"run.name={name}",
     ]
+    if batch_tokens is not None:
+        cmd += [
+            f"train.warmup_ratio={WARMUP_RATIO}",
+            f"train.weight_decay={WEIGHT_DECAY}",
+            f"train.batch_tokens={batch_tokens}",
+        ]
+    cmd += [f"run.storage={storage}", f"run.name={name}"]
     log = OUT / "logs" / f"{name}-raytag.log"
     rc, wall = run_logged(cmd, log, args.threads)
     results_file = REPO / storage / name / "results.json"
@@ -438,15 +448,28 @@ def run_raytag(args, seed: int, stamp: str, batch_tokens: int) -> dict:
         return {"error": f"exit {rc}", "log": str(log.relative_to(REPO)), "wall_seconds": wall}
     raw = json.loads(results_file.read_text())
     val = raw.get("validation") or {}
+    budget = batch_tokens
+    auto_line = None
+    for line in log.read_text(errors="replace").splitlines():
+        if "train.batch_tokens=auto:" in line:  # the loop's one line on the auto budget
+            auto_line = line.split("train.batch_tokens=auto:", 1)[1].strip()
+            budget = int(auto_line.split()[0])
     return {
         "validation": {k: val.get(k) for k in ("f1", "precision", "recall", "accuracy")},
         "train_runtime_seconds": raw.get("train_runtime_seconds"),
         "train_tokens_per_second": raw.get("train_tokens_per_second"),
         "train_sentences_per_step": raw.get("train_sentences_per_step"),
+        "train_steps": raw.get("global_steps"),
+        "batch_tokens": budget,
+        "auto_batch_tokens": auto_line,
         "results_json": str(results_file.relative_to(REPO)),
         "log": str(log.relative_to(REPO)),
         "wall_seconds": wall,
     }
+
+
+def size_name(size: int | None) -> str:
+    return "all" if size is None else f"n{size}"
 
 
 def mean_std(values: list) -> tuple[float | None, float | None]:
@@ -460,17 +483,203 @@ def fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, int | float) else "-"
 
 
+def run_size(args, size: int | None, stamp: str) -> dict:
+    """Both sides on the first `size` sentences (None: all) for every seed; prints per-run lines."""
+    train_sents = read_conll(CONLL / "train.txt", size)
+    eval_sents = read_conll(CONLL / "validation.txt", args.eval_samples)
+    lengths = token_lengths(train_sents)
+    eval_lengths = token_lengths(eval_sents)
+    mean_len = statistics.fmean(lengths)
+    if args.defaults:
+        batch_tokens = args.batch_tokens  # None: raytag's own default (auto)
+        how = "raytag's config default" if batch_tokens is None else "--batch-tokens"
+    else:
+        # hf_batch sentences of mean real length. raytag's batches group similar lengths, so
+        # padded tokens are close to real ones and sentences per step land near hf_batch.
+        batch_tokens = args.batch_tokens or round(args.hf_batch * mean_len)
+        how = "--batch-tokens" if args.batch_tokens else f"= round({args.hf_batch} x {mean_len:.2f})"
+    data = {
+        "train_file": str(CONLL / "train.txt"),
+        "validation_file": str(CONLL / "validation.txt"),
+        "train_sentences": len(train_sents),
+        "validation_sentences": len(eval_sents),
+        "train_real_tokens": sum(lengths),
+        "train_mean_tokens": mean_len,
+        "train_max_tokens": max(lengths),
+        "train_over_max_length": sum(1 for n in lengths if n > MAX_LENGTH),
+        "validation_over_max_length": sum(1 for n in eval_lengths if n > MAX_LENGTH),
+    }
+    tag = size_name(size)
+    print(
+        f"\n[{tag}] data: {len(train_sents)} train sentences ({sum(lengths)} real tokens, mean {mean_len:.1f}, "
+        f"max {max(lengths)}), {len(eval_sents)} validation; HF batch {args.hf_batch} sentences; "
+        f"raytag batch_tokens {batch_tokens if batch_tokens is not None else 'auto'} ({how})"
+    )
+    if data["train_over_max_length"] or data["validation_over_max_length"]:
+        print(
+            f"[{tag}] WARNING: sentences over {MAX_LENGTH} tokens, truncated by the HF recipe: "
+            f"train {data['train_over_max_length']}, validation {data['validation_over_max_length']}"
+        )
+
+    runs: list[dict] = []
+    for k, seed in enumerate(args.seeds):
+        row: dict = {"seed": seed}
+        # The order alternates between seeds, so that a load that drifts over time (other jobs on
+        # the same cores) does not always fall on the same side.
+        for side in ("hf", "raytag") if k % 2 == 0 else ("raytag", "hf"):
+            if args.only not in (side, "both"):
+                continue
+            print(f"[{tag} seed {seed}] {side}: running ...", flush=True)
+            if side == "hf":
+                res = run_hf(args, size, seed, stamp)
+            else:
+                res = run_raytag(args, size, seed, stamp, batch_tokens)
+            row[side] = res
+            if "error" in res:
+                print(
+                    f"[{tag} seed {seed}] {side}: FAILED ({res['error']}), log {res['log']}:\n{tail(REPO / res['log'])}"
+                )
+                continue
+            extra = ""
+            if side == "hf":
+                tr = res["truncation"]
+                if tr["train"]["truncated_sentences"] or tr["validation"]["truncated_sentences"]:
+                    extra = (
+                        f", truncated sentences train {tr['train']['truncated_sentences']}"
+                        f" / validation {tr['validation']['truncated_sentences']}"
+                    )
+                if res["train_real_tokens"] != data["train_real_tokens"]:
+                    extra += f" (real tokens {res['train_real_tokens']} != {data['train_real_tokens']} computed here)"
+            else:
+                extra = f", batch_tokens {res.get('batch_tokens')}"
+            print(
+                f"[{tag} seed {seed}] {side}: dev F1 {fmt(res['validation']['f1'], '.4f')}, "
+                f"train {fmt(res['train_runtime_seconds'], '.1f')} s, "
+                f"{fmt(res['train_tokens_per_second'], '.0f')} tokens/s, {fmt(res.get('train_steps'), 'd')} steps, "
+                f"{fmt(res.get('train_sentences_per_step'), '.2f')} sentences/step, "
+                f"process {res['wall_seconds']:.1f} s{extra}",
+                flush=True,
+            )
+        runs.append(row)
+
+    summary: dict = {}
+    for side in ("hf", "raytag"):
+        for key in (
+            "f1",
+            "train_tokens_per_second",
+            "train_runtime_seconds",
+            "train_sentences_per_step",
+            "train_steps",
+        ):
+            vals = []
+            for r in runs:
+                res = r.get(side) or {}
+                vals.append((res.get("validation") or {}).get("f1") if key == "f1" else res.get(key))
+            summary[f"{side}_{key}_mean"], summary[f"{side}_{key}_std"] = mean_std(vals)
+
+    def ratio(key: str) -> float | None:
+        a, b = summary[f"raytag_{key}_mean"], summary[f"hf_{key}_mean"]
+        return a / b if a is not None and b else None
+
+    summary["ratio_tokens_per_second"] = ratio("train_tokens_per_second")
+    summary["ratio_train_seconds"] = ratio("train_runtime_seconds")
+    hf_f1, rt_f1 = summary["hf_f1_mean"], summary["raytag_f1_mean"]
+    if hf_f1 is None or rt_f1 is None:
+        summary["acceptance"] = "n/a"
+    else:
+        ok = rt_f1 >= hf_f1 - args.f1_tolerance
+        if args.defaults:  # the defaults must also train faster
+            ok = ok and (summary["ratio_train_seconds"] or math.inf) < 1.0
+        summary["acceptance"] = "PASS" if ok else "FAIL"
+    return {
+        "train_samples": size,
+        "raytag_batch_tokens": batch_tokens,
+        "data": data,
+        "runs": runs,
+        "summary": summary,
+    }
+
+
+def print_tables(args, results: list[dict]) -> None:
+    header = (
+        f"{'size':>6} {'seed':>5} {'HF F1':>7} {'raytag F1':>9} {'HF train s':>10} {'raytag train s':>14} "
+        f"{'HF steps':>8} {'raytag steps':>12} {'HF tok/s':>8} {'raytag tok/s':>12} {'raytag tokens':>13}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    for res in results:
+        tag = "all" if res["train_samples"] is None else str(res["train_samples"])
+        for r in res["runs"]:
+            hf, rt = r.get("hf") or {}, r.get("raytag") or {}
+            print(
+                f"{tag:>6} {r['seed']:>5} {fmt((hf.get('validation') or {}).get('f1'), '.4f'):>7} "
+                f"{fmt((rt.get('validation') or {}).get('f1'), '.4f'):>9} "
+                f"{fmt(hf.get('train_runtime_seconds'), '.1f'):>10} {fmt(rt.get('train_runtime_seconds'), '.1f'):>14} "
+                f"{fmt(hf.get('train_steps'), 'd'):>8} {fmt(rt.get('train_steps'), 'd'):>12} "
+                f"{fmt(hf.get('train_tokens_per_second'), '.0f'):>8} {fmt(rt.get('train_tokens_per_second'), '.0f'):>12} "
+                f"{fmt(rt.get('batch_tokens'), 'd'):>13}"
+            )
+    print("-" * len(header))
+    check = f"F1 >= HF - {args.f1_tolerance:g}" + (" and faster" if args.defaults else "")
+    header = (
+        f"{'size':>6} {'HF F1':>7} {'raytag F1':>9} {'diff':>7} {'HF train s':>10} {'raytag train s':>14} "
+        f"{'raytag/HF s':>11} {'HF sent/step':>12} {'raytag sent/step':>16}  {check}"
+    )
+    print(f"means over seeds {' '.join(map(str, args.seeds))}:")
+    print(header)
+    print("-" * len(header))
+    for res in results:
+        s = res["summary"]
+        tag = "all" if res["train_samples"] is None else str(res["train_samples"])
+        diff = (
+            s["raytag_f1_mean"] - s["hf_f1_mean"]
+            if s["raytag_f1_mean"] is not None and s["hf_f1_mean"] is not None
+            else None
+        )
+        print(
+            f"{tag:>6} {fmt(s['hf_f1_mean'], '.4f'):>7} {fmt(s['raytag_f1_mean'], '.4f'):>9} {fmt(diff, '+.4f'):>7} "
+            f"{fmt(s['hf_train_runtime_seconds_mean'], '.1f'):>10} {fmt(s['raytag_train_runtime_seconds_mean'], '.1f'):>14} "
+            f"{fmt(s['ratio_train_seconds'], '.2f'):>11} {fmt(s['hf_train_sentences_per_step_mean'], '.2f'):>12} "
+            f"{fmt(s['raytag_train_sentences_per_step_mean'], '.2f'):>16}  {s['acceptance']}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--defaults",
+        action="store_true",
+        help="each side with its own defaults: HF batch 8 (run_ner's), raytag's config with only the "
+        "learning rate (and 1 epoch, the seed) set; sizes 1000 3000 all; the check adds 'raytag trains faster'",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument(
-        "--train-samples", type=parse_samples, default=3000, help="first N sentences; 0 or 'all': all"
+        "--train-samples",
+        type=parse_samples,
+        nargs="+",
+        default=None,
+        help="first N sentences, one or more sizes; 0 or 'all': all (default: 3000; --defaults: 1000 3000 all)",
     )
     ap.add_argument("--eval-samples", type=parse_samples, default=None, help="cap on validation sentences")
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--hf-batch", type=int, default=16, help="HF per_device_train_batch_size")
     ap.add_argument(
-        "--batch-tokens", type=int, default=None, help="raytag train.batch_tokens (default: derived)"
+        "--hf-batch",
+        type=int,
+        default=None,
+        help="HF per_device_train_batch_size (default 16; --defaults: 8)",
+    )
+    ap.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="raytag train.batch_tokens (default: derived from --hf-batch; --defaults: raytag's own)",
+    )
+    ap.add_argument(
+        "--f1-tolerance",
+        type=float,
+        default=None,
+        help="check: raytag F1 >= HF F1 - this (0.01; --defaults: 0.005)",
     )
     ap.add_argument("--only", choices=["hf", "raytag", "both"], default="both")
     ap.add_argument(
@@ -485,6 +694,13 @@ def main(argv: list[str] | None = None) -> int:
         (args.hf_worker.parent / "result.json").write_text(json.dumps(result, indent=2))
         return 0
 
+    if args.train_samples is None:
+        args.train_samples = [1000, 3000, None] if args.defaults else [3000]
+    if args.hf_batch is None:
+        args.hf_batch = 8 if args.defaults else 16  # 8: TrainingArguments' per_device_train_batch_size
+    if args.f1_tolerance is None:
+        args.f1_tolerance = F1_TOLERANCE[args.defaults]
+
     if not SHARED.is_dir():
         print(
             f"quality.py: {SHARED} is absent: this benchmark needs ../shared (CoNLL data, encoder tool)",
@@ -496,15 +712,6 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = cpus
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ensure_encoder()
-
-    # raytag's token budget: hf_batch sentences of mean real length. Its batches group similar
-    # lengths, so padded tokens are close to real ones and sentences per step land near hf_batch.
-    train_sents = read_conll(CONLL / "train.txt", args.train_samples)
-    eval_sents = read_conll(CONLL / "validation.txt", args.eval_samples)
-    lengths = token_lengths(train_sents)
-    eval_lengths = token_lengths(eval_sents)
-    mean_len = statistics.fmean(lengths)
-    batch_tokens = args.batch_tokens or round(args.hf_batch * mean_len)
 
     versions = {}
     for pkg in ("torch", "transformers", "tokenizers", "accelerate", "deepspeed", "seqeval", "datasets"):
@@ -519,131 +726,30 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": args.threads,
         "versions": versions,
     }
-    data = {
-        "train_file": str(CONLL / "train.txt"),
-        "validation_file": str(CONLL / "validation.txt"),
-        "train_sentences": len(train_sents),
-        "validation_sentences": len(eval_sents),
-        "train_real_tokens": sum(lengths),
-        "train_mean_tokens": mean_len,
-        "train_max_tokens": max(lengths),
-        "train_over_max_length": sum(1 for n in lengths if n > MAX_LENGTH),
-        "validation_over_max_length": sum(1 for n in eval_lengths if n > MAX_LENGTH),
-    }
     print(
         f"torch {versions['torch']}, transformers {versions['transformers']}, deepspeed {versions['deepspeed']}, "
-        f"python {env['python']}; {cpus} CPUs, {args.threads} torch threads on both sides"
+        f"python {env['python']}; {cpus} CPUs, {args.threads} torch threads on both sides; model {ENCODER.relative_to(REPO)}"
     )
-    print(
-        f"data: {len(train_sents)} train sentences ({sum(lengths)} real tokens, mean {mean_len:.1f}, "
-        f"max {max(lengths)}), {len(eval_sents)} validation; model {ENCODER.relative_to(REPO)}"
-    )
-    print(
-        f"recipe: 1 epoch, lr {args.lr:g}, warmup ratio {WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, linear decay; "
-        f"HF batch {args.hf_batch} sentences; raytag batch_tokens {batch_tokens}"
-        + (" (--batch-tokens)" if args.batch_tokens else f" (= round({args.hf_batch} x {mean_len:.2f}))")
-    )
-    if data["train_over_max_length"] or data["validation_over_max_length"]:
+    if args.defaults:
         print(
-            f"WARNING: sentences over {MAX_LENGTH} tokens, truncated by the HF recipe: "
-            f"train {data['train_over_max_length']}, validation {data['validation_over_max_length']}"
+            f"mode --defaults: 1 epoch, lr {args.lr:g} on both sides; HF: batch {args.hf_batch}, warmup ratio "
+            f"{WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, linear decay; raytag: {RAYTAG_CONFIG} as it is "
+            f"(batch_tokens {'auto' if args.batch_tokens is None else args.batch_tokens}, its warm-up and decay)"
         )
     else:
-        print(f"truncation: no sentence exceeds {MAX_LENGTH} tokens (train or validation)")
-
-    runs: list[dict] = []
-    for seed in args.seeds:
-        row: dict = {"seed": seed}
-        for side in ("hf", "raytag"):
-            if args.only not in (side, "both"):
-                continue
-            print(f"[seed {seed}] {side}: running ...", flush=True)
-            res = run_hf(args, seed, stamp) if side == "hf" else run_raytag(args, seed, stamp, batch_tokens)
-            row[side] = res
-            if "error" in res:
-                print(
-                    f"[seed {seed}] {side}: FAILED ({res['error']}), log {res['log']}:\n{tail(REPO / res['log'])}"
-                )
-            else:
-                extra = ""
-                if side == "hf":
-                    tr = res["truncation"]
-                    extra = (
-                        f", {res['train_steps']} steps, truncated sentences train "
-                        f"{tr['train']['truncated_sentences']} / validation {tr['validation']['truncated_sentences']}"
-                    )
-                    if res["train_real_tokens"] != data["train_real_tokens"]:
-                        extra += f" (real tokens {res['train_real_tokens']} != {data['train_real_tokens']} computed here)"
-                print(
-                    f"[seed {seed}] {side}: dev F1 {fmt(res['validation']['f1'], '.4f')}, "
-                    f"train {fmt(res['train_runtime_seconds'], '.1f')} s, "
-                    f"{fmt(res['train_tokens_per_second'], '.0f')} tokens/s, "
-                    f"{fmt(res.get('train_sentences_per_step'), '.2f')} sentences/step, "
-                    f"process {res['wall_seconds']:.1f} s{extra}",
-                    flush=True,
-                )
-        runs.append(row)
-
-    def col(side: str, key: str) -> list:
-        out = []
-        for r in runs:
-            res = r.get(side) or {}
-            out.append((res.get("validation") or {}).get("f1") if key == "f1" else res.get(key))
-        return out
-
-    summary: dict = {}
-    for side in ("hf", "raytag"):
-        for key in ("f1", "train_tokens_per_second", "train_runtime_seconds", "train_sentences_per_step"):
-            m, s = mean_std(col(side, key))
-            summary[f"{side}_{key}_mean"], summary[f"{side}_{key}_std"] = m, s
-
-    def ratio(key: str) -> float | None:
-        a, b = summary[f"raytag_{key}_mean"], summary[f"hf_{key}_mean"]
-        return a / b if a is not None and b else None
-
-    summary["ratio_tokens_per_second"] = ratio("train_tokens_per_second")
-    summary["ratio_train_seconds"] = ratio("train_runtime_seconds")
-    hf_f1, rt_f1 = summary["hf_f1_mean"], summary["raytag_f1_mean"]
-    if hf_f1 is None or rt_f1 is None:
-        summary["acceptance"] = "n/a"
-    else:
-        summary["acceptance"] = "PASS" if rt_f1 >= hf_f1 - F1_TOLERANCE else "FAIL"
-
-    header = f"{'seed':>6} {'HF F1':>8} {'raytag F1':>10} {'HF tok/s':>10} {'raytag tok/s':>13} {'HF train s':>11} {'raytag train s':>15}"
-    print()
-    print(header)
-    print("-" * len(header))
-    for r in runs:
-        hf, rt = r.get("hf") or {}, r.get("raytag") or {}
         print(
-            f"{r['seed']:>6} {fmt((hf.get('validation') or {}).get('f1'), '.4f'):>8} "
-            f"{fmt((rt.get('validation') or {}).get('f1'), '.4f'):>10} "
-            f"{fmt(hf.get('train_tokens_per_second'), '.0f'):>10} {fmt(rt.get('train_tokens_per_second'), '.0f'):>13} "
-            f"{fmt(hf.get('train_runtime_seconds'), '.1f'):>11} {fmt(rt.get('train_runtime_seconds'), '.1f'):>15}"
+            f"mode matched: 1 epoch, lr {args.lr:g}, warmup ratio {WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, "
+            f"linear decay on both sides; HF batch {args.hf_batch} sentences, raytag batch_tokens to match"
         )
-    print("-" * len(header))
-    for label, agg in (("mean", "mean"), ("std", "std")):
-        s = summary
-        print(
-            f"{label:>6} {fmt(s[f'hf_f1_{agg}'], '.4f'):>8} {fmt(s[f'raytag_f1_{agg}'], '.4f'):>10} "
-            f"{fmt(s[f'hf_train_tokens_per_second_{agg}'], '.0f'):>10} "
-            f"{fmt(s[f'raytag_train_tokens_per_second_{agg}'], '.0f'):>13} "
-            f"{fmt(s[f'hf_train_runtime_seconds_{agg}'], '.1f'):>11} "
-            f"{fmt(s[f'raytag_train_runtime_seconds_{agg}'], '.1f'):>15}"
-        )
-    print()
+
+    results = [run_size(args, size, stamp) for size in args.train_samples]
+    print_tables(args, results)
+    verdicts = [r["summary"]["acceptance"] for r in results]
+    overall = "FAIL" if "FAIL" in verdicts else ("PASS" if "PASS" in verdicts else "n/a")
     print(
-        f"sentences per optimizer step: HF {args.hf_batch} (mean {fmt(summary['hf_train_sentences_per_step_mean'], '.2f')}"
-        f" incl. the last partial batch), raytag {fmt(summary['raytag_train_sentences_per_step_mean'], '.2f')}"
-        f" at batch_tokens {batch_tokens}"
-    )
-    print(
-        f"raytag/HF: tokens/s x{fmt(summary['ratio_tokens_per_second'], '.2f')}, "
-        f"train seconds x{fmt(summary['ratio_train_seconds'], '.2f')}"
-    )
-    print(
-        f"acceptance: raytag mean F1 >= HF mean F1 - {F1_TOLERANCE}: {summary['acceptance']}"
-        + (f" ({rt_f1:.4f} vs {hf_f1:.4f})" if summary["acceptance"] != "n/a" else "")
+        f"acceptance ({'each side its own defaults' if args.defaults else 'matched batches'}): raytag mean F1 >= "
+        f"HF mean F1 - {args.f1_tolerance:g}{' and raytag trains faster' if args.defaults else ''}, "
+        f"at every size: {overall}"
     )
 
     report = {
@@ -658,22 +764,23 @@ def main(argv: list[str] | None = None) -> int:
             "weight_decay": WEIGHT_DECAY,
             "scheduler": "linear",
             "hf_batch": args.hf_batch,
-            "raytag_batch_tokens": batch_tokens,
             "max_length": MAX_LENGTH,
+            "raytag": "config defaults" if args.defaults else "matched to HF",
         },
         "environment": env,
         "model": str(ENCODER.relative_to(REPO)),
-        "data": data,
-        "runs": runs,
-        "summary": summary,
+        "sizes": results,
+        "acceptance": overall,
     }
     out_file = OUT / f"quality-{stamp}.json"
     out_file.write_text(json.dumps(report, indent=2))
     print(f"wrote {out_file.relative_to(REPO)}")
 
-    if any("error" in (r.get(side) or {}) for r in runs for side in ("hf", "raytag")):
+    if any(
+        "error" in (r.get(side) or {}) for res in results for r in res["runs"] for side in ("hf", "raytag")
+    ):
         return 2
-    return 1 if summary["acceptance"] == "FAIL" else 0
+    return 1 if overall == "FAIL" else 0
 
 
 if __name__ == "__main__":

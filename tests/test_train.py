@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,27 @@ def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_auto_batch_tokens_is_logged_and_planned(tmp_path, caplog):
+    # The demo config sets 1024 tokens; `auto` on its ~1000 training sentences, one epoch, picks a
+    # smaller budget, says so in one line, and the loop's plan has the steps that line announces.
+    caplog.set_level("INFO", logger="raytag")
+    run(
+        tmp_path,
+        "auto",
+        "train.batch_tokens=auto",
+        "train.epochs=1",
+        "train.max_steps=1",
+        "data.max_eval_samples=8",
+        "data.test=null",
+    )
+    auto = [r.getMessage() for r in caplog.records if "train.batch_tokens=auto:" in r.getMessage()]
+    assert len(auto) == 1, auto
+    m = re.search(r"auto: (\d+) padded tokens .* (\d+) steps per epoch", auto[0])
+    assert m and int(m.group(1)) < 1024, auto[0]
+    planned = re.search(r"\d+ steps \((\d+) per epoch\)", caplog.text)
+    assert planned and abs(int(planned.group(1)) - int(m.group(2))) <= 0.02 * int(m.group(2)), caplog.text
 
 
 @pytest.fixture(scope="module")

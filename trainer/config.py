@@ -70,8 +70,11 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    batch_tokens: int = 4096
-    """Token budget of one micro-batch per worker, counted with padding (sentences x longest)."""
+    batch_tokens: int | Literal["auto"] = "auto"
+    """Token budget of one micro-batch per worker, counted with padding (sentences x longest).
+    `auto` picks it from the training data (trainer/batching.py, `auto_batch_tokens`): 1024 (about
+    43 CoNLL sentences) when the run still gets at least 1000 optimizer steps, else the largest
+    budget that does, but never fewer than 8 sentences per optimizer step; the choice is logged."""
     max_batch_sentences: int = 256
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
@@ -241,7 +244,10 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _check(value, arg, key, source)
             except ConfigError as e:
                 errors.append(e)
-        raise errors[0]
+        if len(errors) == 1:
+            raise errors[0]
+        expected = " or ".join(_describe_type(a) for a in args if a is not type(None))
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -285,6 +291,13 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key}: unsupported type {tp}")  # pragma: no cover
 
 
+def _describe_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, str(tp))
+
+
 def _validate(obj: Any, prefix: str, source: str) -> None:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: {prefix}{key}: {why}")
@@ -298,7 +311,7 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
             raise bad("learning_rate", f"must be > 0, got {obj.learning_rate}")
         if not 0 <= obj.warmup_ratio < 1:
             raise bad("warmup_ratio", f"must be in [0, 1), got {obj.warmup_ratio}")
-        if obj.batch_tokens < 16:
+        if isinstance(obj.batch_tokens, int) and obj.batch_tokens < 16:
             raise bad("batch_tokens", f"must be at least 16, got {obj.batch_tokens}")
         if obj.gradient_accumulation_steps < 1:
             raise bad("gradient_accumulation_steps", "must be >= 1")

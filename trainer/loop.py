@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import dist
-from .batching import StepPlan, plan_batches, shard_steps
+from .batching import StepPlan, plan_batches, resolve_batch_tokens, shard_steps
 from .card import render_card
 from .config import Config, ConfigError, dump_yaml, from_dict, to_dict
 from .data import Split, hub_splits, make_labels, read_split
@@ -78,6 +78,7 @@ class Session:
     metrics: MetricsLog | None  # rank 0 only
     view: ProgressView
     report: Report | None
+    batch_tokens: int  # train.batch_tokens as resolved (`auto` -> a number)
 
 
 def train_loop(
@@ -139,9 +140,17 @@ def train_loop(
         # ---- data, model, engine
         data = load_data(cfg)
         world, accum = group.world, tc.gradient_accumulation_steps
+        batch_tokens = resolve_batch_tokens(  # `auto`: from the data alone, the same on every rank
+            tc.batch_tokens,
+            data.lengths,
+            world * accum,
+            tc.epochs,
+            tc.max_batch_sentences,
+            log.info if group.rank == 0 else None,
+        )
 
         def epoch_plan(epoch: int) -> StepPlan:  # the same global plan on every rank: (seed, epoch) only
-            batches = plan_batches(data.lengths, tc.batch_tokens, tc.max_batch_sentences, tc.seed, epoch)
+            batches = plan_batches(data.lengths, batch_tokens, tc.max_batch_sentences, tc.seed, epoch)
             return shard_steps(batches, data.labelled, world, group.rank, accum)
 
         steps_per_epoch = len(epoch_plan(0).steps)
@@ -206,7 +215,7 @@ def train_loop(
         view = ProgressView(
             total_steps, progress.global_step, enabled=group.rank == 0, log_every=tc.log_every
         )
-        s = Session(cfg, run, engine, spec, data, device, pad_id, metrics, view, report)
+        s = Session(cfg, run, engine, spec, data, device, pad_id, metrics, view, report, batch_tokens)
 
         # ---- the loop
         window = _Window()
@@ -549,7 +558,7 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         data.tokenizer,
         run.workdir / "model",
         _export_meta(data.labels, cfg.model, model_from),
-        _card(cfg, s.spec, data.labels, data.splits, progress, results),
+        _card(cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results),
     )
     run.publish("model")
     train_seconds = progress.train_seconds
@@ -751,13 +760,15 @@ def _export_meta(labels: list[str], mc, checkpoint: str) -> dict[str, Any]:
     }
 
 
-def _card(cfg: Config, spec: EngineSpec, labels, splits, progress: TrainingProgress, results) -> str:
+def _card(
+    cfg: Config, spec: EngineSpec, batch_tokens: int, labels, splits, progress: TrainingProgress, results
+) -> str:
     tc = cfg.train
     hyper = {
         "learning_rate": tc.learning_rate,
         "epochs": tc.epochs,
         "max_steps": tc.max_steps,
-        "batch_tokens (per worker)": tc.batch_tokens,
+        "batch_tokens (per worker)": batch_tokens if tc.batch_tokens != "auto" else f"{batch_tokens} (auto)",
         "gradient_accumulation_steps": tc.gradient_accumulation_steps,
         "workers": cfg.scaling.num_workers,
         "optimizer": f"AdamW (betas {tc.adam_beta1}, {tc.adam_beta2}, "
