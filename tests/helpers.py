@@ -109,3 +109,31 @@ def train_losses(metrics_lines: list[str]) -> dict[int, float]:
 
     recs = [json.loads(x) for x in metrics_lines if x.strip()]
     return {r["step"]: r["loss"] for r in recs if r.get("type") == "train"}
+
+
+def assert_matches_one_worker(metrics_lines: list[str], results: dict, overrides: list[str], tmp) -> None:
+    """Data-parallel equivalence: 2 workers' per-step losses (`metrics_lines`) equal those of one
+    in-process worker with 2 accumulation steps over the same global batches (`overrides`: the run's
+    config overrides), and both train on the same tokens."""
+    from pathlib import Path
+
+    import torch
+
+    from raytag.trainer.config import load_config, to_dict
+    from raytag.trainer.loop import train_loop
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(
+        root / "configs" / "demo.yaml",
+        [f"run.storage={tmp}", "run.name=single", "train.gradient_accumulation_steps=2", *overrides],
+    )
+    single = train_loop(to_dict(cfg))
+    a = train_losses(metrics_lines)
+    b = train_losses((Path(tmp) / "single" / "metrics.jsonl").read_text().splitlines())
+    assert sorted(a) == sorted(b) and a, (a, b)
+    # Tolerance: the all-reduce sums gradients in another order than one process does (fp32).
+    torch.testing.assert_close(
+        torch.tensor([a[s] for s in sorted(a)]), torch.tensor([b[s] for s in sorted(a)]), rtol=1e-4, atol=1e-5
+    )
+    assert single["train_tokens"] == results["train_tokens"]  # same sentences, no more, no fewer
+    assert abs(single["validation"]["f1"] - results["validation"]["f1"]) < 0.02
