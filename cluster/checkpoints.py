@@ -257,7 +257,8 @@ class CheckpointStore:
 
     ``save`` returns at once; files upload in a thread pool while training continues, the
     manifest goes last, then ``retention`` runs. Transient storage failures are retried with
-    exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``, ``retries`` times).
+    exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``, ``retries`` times, or
+    for up to ``retry_budget_s`` seconds when that is given).
     A failed save raises CheckpointUploadError from the next ``save``/``wait``/``close``;
     its manifest is never written.
     """
@@ -274,12 +275,17 @@ class CheckpointStore:
         log: Log = print,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
+        retry_budget_s: float | None = None,
     ) -> None:
         self.storage = storage
         self.prefix = join_key(run_prefix, CHECKPOINTS)
         self.keep_best = keep_best
         self.metric = metric
-        self._retry = RetryPolicy(retries, backoff_s, max_backoff_s)
+        self._retry = (
+            RetryPolicy.for_seconds(retry_budget_s, backoff_s, max_backoff_s)
+            if retry_budget_s is not None
+            else RetryPolicy(retries, backoff_s, max_backoff_s)
+        )
         self._log = log
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="raytag-ckpt")
         self._uploads = ThreadPoolExecutor(max(1, max_workers), thread_name_prefix="raytag-ckpt-file")
@@ -619,10 +625,15 @@ class RunFiles:
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
         log: Log = print,
+        retry_budget_s: float | None = None,
     ) -> None:
         self.storage = storage
         self.prefix = run_prefix.strip("/")
-        self._retry = RetryPolicy(retries, backoff_s, max_backoff_s)
+        self._retry = (
+            RetryPolicy.for_seconds(retry_budget_s, backoff_s, max_backoff_s)
+            if retry_budget_s is not None
+            else RetryPolicy(retries, backoff_s, max_backoff_s)
+        )
         self._log = log
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="raytag-runfiles")
         self._lock = threading.Lock()

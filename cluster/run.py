@@ -180,6 +180,7 @@ class RunStore:
         lock: RunLock | None,
         log: Log,
         part_timeout_s: float = 900.0,
+        retry_budget_s: float | None = None,
     ) -> None:
         self.storage, self.name, self.group = storage, name, group
         self.workdir = workdir
@@ -187,8 +188,10 @@ class RunStore:
         self._log = log
         self._lock = lock
         self.part_timeout_s = part_timeout_s
-        self.store = CheckpointStore(storage, name, keep_best=keep_best, metric="f1", log=log)
-        self.files = RunFiles(storage, name, log=log)
+        self.store = CheckpointStore(
+            storage, name, keep_best=keep_best, metric="f1", log=log, retry_budget_s=retry_budget_s
+        )
+        self.files = RunFiles(storage, name, log=log, retry_budget_s=retry_budget_s)
         # Rank k's part uploads run in order on one thread (rank 0 then waits for the others' markers).
         self._parts = ThreadPoolExecutor(1, thread_name_prefix="raytag-part")
         self._pending: list[Future] = []
@@ -210,6 +213,8 @@ class RunStore:
         new_run: bool = False,
         staging_root: str | None = None,
         log: Log = print,
+        lease_info: dict[str, Any] | None = None,
+        retry_budget_s: float | None = None,
     ) -> RunStore:
         """Open run `name` in `storage` on every rank.
 
@@ -225,7 +230,7 @@ class RunStore:
                 f"sit on {len(set(nodes))} nodes (each node would see its own folder); use s3://bucket/prefix"
             )
         workdir = local if local is not None else staging_folder(staging_root, storage.uri, name)
-        lock = RunLock(storage, name, owner, log=log) if group.rank == 0 else None
+        lock = RunLock(storage, name, owner, log=log, info=lease_info) if group.rank == 0 else None
         error: BaseException | None = None
         if lock is not None:
             try:
@@ -239,7 +244,16 @@ class RunStore:
             shutil.rmtree(workdir, ignore_errors=True)  # a fresh run: nothing on the node is its state
         group.barrier()
         workdir.mkdir(parents=True, exist_ok=True)
-        run = cls(storage, name, group=group, workdir=workdir, keep_best=keep_best, lock=lock, log=log)
+        run = cls(
+            storage,
+            name,
+            group=group,
+            workdir=workdir,
+            keep_best=keep_best,
+            lock=lock,
+            log=log,
+            retry_budget_s=retry_budget_s,
+        )
         group.barrier()  # every rank has read `finished` before anyone writes
         return run
 
@@ -375,8 +389,8 @@ class RunStore:
     def _parts_of(self, name: str) -> dict[int, dict[str, Any]]:
         prefix = join_key(self.name, CHECKPOINTS, name, PARTS)
         parts: dict[int, dict[str, Any]] = {}
-        for key in self.storage.list(prefix):
-            raw = self.storage.get_bytes(key)
+        for key in self.store._call(lambda: list(self.storage.list(prefix)), f"listing the parts of {name}"):
+            raw = self.store._call(lambda key=key: self.storage.get_bytes(key), f"reading {key}")
             try:
                 doc = json.loads(raw or b"")
                 parts[int(doc["rank"])] = doc

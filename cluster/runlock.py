@@ -7,6 +7,9 @@ job that finds the lease refuses to start, naming the owner, unless the owner is
 - it ran on this machine, in this process namespace, and its process is dead (`os.kill(pid, 0)`
   finds no such process, or a zombie, or a new process that reused the pid): a hard-killed local
   run's rerun does not wait for the expiry.
+- or the launcher says so (`gone`): on Ray, a lease written by a worker of a Ray job that this
+  cluster lists as ended (its driver was killed, the job resubmitted) is taken over at once,
+  wherever that worker ran.
 
 Either way the new job takes the lease over at once and logs one line naming the old owner. A
 lease whose owner id is this job's own is always ours: a Ray worker group that Ray restarts keeps
@@ -127,8 +130,12 @@ class RunLock:
         ttl_s: float = 300,
         heartbeat_s: float = 60,
         log: Callable[[str], Any] | None = None,
+        info: dict[str, Any] | None = None,
+        gone: Callable[[dict[str, Any]], str | None] | None = None,
     ):
         self.storage, self.key, self.owner = storage, join_key(run_prefix, LOCK), owner
+        self.info = dict(info or {})  # extra fields written into the lease (the Ray job id)
+        self.gone = gone  # a judge of a lease's owner beyond this machine: why it is gone, or None
         self.run_prefix = run_prefix
         self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
         self._log = log or _log.warning
@@ -143,7 +150,7 @@ class RunLock:
     def _body(self) -> bytes:
         pid = os.getpid()
         stat = _proc_stat(pid)
-        body = {"owner": self.owner, "heartbeat": time.time(), **_machine(), "pid": pid}
+        body = {**self.info, "owner": self.owner, "heartbeat": time.time(), **_machine(), "pid": pid}
         body["pid_start"] = stat[1] if stat else None
         return json.dumps(body).encode()
 
@@ -185,6 +192,9 @@ class RunLock:
                 f"taking over the lease of {owner}: its process {pid} on this host ({here['host']}) is gone "
                 f"(last heartbeat {age:.0f} s ago)"
             )
+        why = self.gone(lease) if self.gone is not None else None
+        if why:
+            return f"taking over the lease of {owner}: {why} (last heartbeat {age:.0f} s ago)"
         raise RunLockedError(
             f"run {self.storage.display(self.run_prefix)} is being written by another job "
             f"({owner}, last heartbeat {age:.0f} s ago); wait for it to finish, use "

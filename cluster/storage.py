@@ -158,6 +158,13 @@ class RetryPolicy:
     retries: int = 5
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
+    budget_s: float | None = None
+    """Also stop retrying once the next wait would end more than this many seconds after the first try."""
+
+    @classmethod
+    def for_seconds(cls, budget_s: float, backoff_s: float = 0.5, max_backoff_s: float = 8.0) -> RetryPolicy:
+        """Retry a transient failure for up to `budget_s` seconds, however many tries that takes."""
+        return cls(retries=1 << 30, backoff_s=backoff_s, max_backoff_s=max_backoff_s, budget_s=budget_s)
 
 
 def with_retries(
@@ -169,18 +176,27 @@ def with_retries(
 ) -> T:
     """Call ``fn``; on a transient failure wait (``backoff_s``, doubling, capped) and call again.
 
-    At most ``policy.retries`` retries after the first try. Re-raises the last error, or at
+    At most ``policy.retries`` retries after the first try, and none that would start after
+    ``policy.budget_s`` seconds (when set). Re-raises the last error, or at
     once a failure that is not transient (see ``is_transient``). ``what`` names the action in logs.
     """
     policy = policy or RetryPolicy()
     delay = policy.backoff_s
+    start = time.monotonic()
     for attempt in range(policy.retries + 1):
         try:
             return fn()
         except Exception as exc:
             if attempt >= policy.retries or not is_transient(exc):
                 raise
-            log(redact(f"retrying {what} in {delay:.1f} s (retry {attempt + 1} of {policy.retries}): {exc}"))
+            spent = time.monotonic() - start
+            if policy.budget_s is not None:
+                if spent + delay > policy.budget_s:
+                    raise
+                left = f"{policy.budget_s - spent:.0f} s of {policy.budget_s:.0f} s left"
+            else:
+                left = f"retry {attempt + 1} of {policy.retries}"
+            log(redact(f"retrying {what} in {delay:.1f} s ({left}): {exc}"))
             time.sleep(delay)
             delay = min(delay * 2, policy.max_backoff_s)
     raise AssertionError("unreachable")

@@ -1,7 +1,8 @@
 """Command line: `python trainer/main.py --config FILE [key=value ...]` and `... predict ...`.
 
 User errors (a bad key, file, value, storage endpoint) end with one line on stderr and exit
-status 2; anything else is a bug and keeps its traceback.
+status 2; a stop on request (SIGTERM, `ray job stop`) after its checkpoint is uploaded exits 75
+(EX_TEMPFAIL: run the same command again); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -112,13 +113,19 @@ def resolve_config_path(path: str | None) -> Path:
 
 def run(cfg: Config) -> dict | None:
     """Local single-node mode in-process, or a Ray Train run when more workers or a cluster are asked for."""
+    from .stopping import on_sigterm
+
     if cfg.scaling.num_workers == 1 and not _ray_cluster_reachable():
         from .loop import train_loop
 
-        return train_loop(to_dict(cfg))
+        restore = on_sigterm(cfg.run.stop_grace_seconds)  # SIGTERM: checkpoint at the next step, exit 75
+        try:
+            return train_loop(to_dict(cfg))
+        finally:
+            restore()
     from raytag.launcher.ray_launcher import launch
 
-    return launch(cfg)
+    return launch(cfg)  # the driver forwards SIGTERM (`ray job stop`) to its workers
 
 
 def _ray_cluster_reachable() -> bool:
@@ -130,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     errors = _user_errors()
+    from raytag.cluster.storage import redact
+
+    from .stopping import EXIT_PREEMPTED, Preempted
+
     try:
         if argv and argv[0] == "predict":
             args = predict_parser().parse_args(argv[1:])
@@ -153,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run(cfg)
         return 0
+    except Preempted as e:  # saved and uploaded: the same command continues
+        print(f"raytag: preempted: {redact(str(e).strip())}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except errors as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        from raytag.cluster.storage import redact
-
         print(f"raytag: error: {redact(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

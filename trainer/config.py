@@ -88,6 +88,9 @@ class TrainConfig:
     """Log training metrics every N optimizer steps."""
     save_every: int | None = None
     """Also checkpoint every N optimizer steps (checkpoints are always written after each evaluation)."""
+    save_every_minutes: float | None = None
+    """Also checkpoint when this many minutes have passed since the last checkpoint (rank 0's clock
+    decides, at a step boundary): a long epoch on a spot node never risks more than N minutes of work."""
     eval_every: int | None = None
     """Also evaluate every N optimizer steps (evaluation always runs after each epoch)."""
     eval_batch_tokens: int = 16384
@@ -114,6 +117,15 @@ class RunConfig:
     staging_dir: str | None = None
     """Node-local working folder of a bucket run (default: $TMPDIR/raytag-staging); holds at most the
     newest checkpoint and the files being uploaded."""
+    storage_retry_seconds: float = 120
+    """How long an upload to the run's storage is retried through an outage (connection refused,
+    timeouts, 5xx) before the run ends with one line naming the checkpoint or file; training goes on
+    meanwhile. The run then resumes from its last complete checkpoint when rerun."""
+    stop_grace_seconds: float = 25
+    """After SIGTERM (spot reclaim, Kubernetes, `ray job stop`), the time raytag may take to save a
+    checkpoint at the next step boundary and finish its upload before it exits anyway (status 75);
+    if that runs out, the last complete checkpoint stands. Keep it under the platform's notice
+    (Kubernetes: terminationGracePeriodSeconds, 30 s by default; Ray jobs: RAY_JOB_STOP_WAIT_TIME_S)."""
     owner: str | None = None
     """Set automatically: the id of the job writing the run (a second live job is refused)."""
 
@@ -321,6 +333,8 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
             v = getattr(obj, k)
             if v is not None and v < 1:
                 raise bad(k, f"must be >= 1, got {v}")
+        if obj.save_every_minutes is not None and not obj.save_every_minutes > 0:
+            raise bad("save_every_minutes", f"must be > 0, got {obj.save_every_minutes}")
     elif isinstance(obj, DataConfig):
         for k in ("max_train_samples", "max_eval_samples"):
             v = getattr(obj, k)
@@ -336,6 +350,10 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
             raise bad("name", f"must be a plain name without '/', got {obj.name!r}")
         if obj.keep_best < 0:
             raise bad("keep_best", "must be >= 0")
+        if not obj.storage_retry_seconds > 0:
+            raise bad("storage_retry_seconds", f"must be > 0, got {obj.storage_retry_seconds}")
+        if not obj.stop_grace_seconds > 0:
+            raise bad("stop_grace_seconds", f"must be > 0, got {obj.stop_grace_seconds}")
     elif isinstance(obj, ScalingConfig):
         if obj.num_workers < 1:
             raise bad("num_workers", f"must be >= 1, got {obj.num_workers}")

@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -40,10 +42,13 @@ from .features import IGNORE, Encoded, encode
 from .model import load_model, load_tokenizer
 from .outputs import MetricsLog, export_model, git_commit, versions, write_json, write_predictions
 from .progress import ProgressView, TrainingProgress, rng_state, seed_everything, set_rng_state
+from .stopping import STOP, Clock, Preempted
 
 log = logging.getLogger("raytag")
 
 Report = Callable[[dict[str, Any], "str | None"], None]
+Notices = Callable[[], "str | None"]
+NOTICE_POLL_S = 5.0  # how often rank 0's clock asks for outside notices (Ray polls node drains as often)
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Session:
     view: ProgressView
     report: Report | None
     batch_tokens: int  # train.batch_tokens as resolved (`auto` -> a number)
+    clock: Clock  # rank 0 decides when a time-based checkpoint is due
 
 
 def train_loop(
@@ -87,12 +93,20 @@ def train_loop(
     *,
     node: str | None = None,
     device: torch.device | None = None,
+    notices: Notices | None = None,
+    lease_info: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Train per `config` (a Config as a dict). Returns results on rank 0 (None elsewhere).
 
     `report(metrics, checkpoint_name)` is called by every rank after each checkpoint (the Ray
     launcher passes one that reports to Ray Train). `node` names the machine this rank runs on
     (Ray's node id; default: the host name) and `device` its GPU (default: cuda:LOCAL_RANK).
+    `notices()` is called by every rank together every few seconds: it may request a stop
+    (`stopping.STOP`) or return why a checkpoint is wanted now (a node drain). `lease_info` is
+    written into the run's lease (the Ray job id, so a resubmitted job can see its owner is gone).
+
+    Raises `stopping.Preempted` after a stop request (SIGTERM, `ray job stop`) once the checkpoint
+    of the step where every rank stopped is saved and uploaded.
     """
     from raytag.cluster.run import RunStore
     from raytag.cluster.runlock import new_owner
@@ -125,6 +139,8 @@ def train_loop(
         new_run=rc.new_run,
         staging_root=rc.staging_dir,
         log=log.info,
+        lease_info=lease_info,
+        retry_budget_s=rc.storage_retry_seconds,
     )
     success = False
     try:
@@ -185,14 +201,19 @@ def train_loop(
                 progress.epoch,
                 run.uri,
             )
-            if group.rank == 0:
-                run.get_file("metrics.jsonl")  # a fresh node continues the run's metrics
+            if group.rank == 0:  # the run's metrics up to this checkpoint travel inside it
+                if (folder / "metrics.jsonl").is_file():
+                    shutil.copyfile(folder / "metrics.jsonl", run.workdir / "metrics.jsonl")
+                else:  # a checkpoint from before raytag kept them there
+                    run.get_file("metrics.jsonl")
 
         metrics = None
         if group.rank == 0:  # rank 0 alone writes the run's files (ranks may share the working folder)
             metrics = MetricsLog(
                 run.workdir / "metrics.jsonl", progress.global_step if resumed_from else None
             )
+            if resumed_from:
+                run.publish("metrics.jsonl")  # the bucket's copy may lag the checkpoint's (a failed upload)
             (run.workdir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
             write_json(run.workdir / "labels.json", data.labels)
             run.publish("config.yaml")
@@ -215,7 +236,8 @@ def train_loop(
         view = ProgressView(
             total_steps, progress.global_step, enabled=group.rank == 0, log_every=tc.log_every
         )
-        s = Session(cfg, run, engine, spec, data, device, pad_id, metrics, view, report, batch_tokens)
+        clock = Clock(tc.save_every_minutes, NOTICE_POLL_S if notices else None, leader=group.rank == 0)
+        s = Session(cfg, run, engine, spec, data, device, pad_id, metrics, view, report, batch_tokens, clock)
 
         # ---- the loop
         window = _Window()
@@ -230,7 +252,17 @@ def train_loop(
                 mine = train_step(
                     engine, data.encoded["train"], plan.steps[i], plan.labelled[i], world, pad_id, device
                 )
-                loss, tokens, windows = dist.all_sum([float(x) for x in mine])
+                # one all-reduce per step: the figures, any rank's stop request, rank 0's timers
+                loss, tokens, windows, stops, due, poll = dist.all_sum(
+                    [*(float(x) for x in mine), float(STOP.requested), *clock.votes()]
+                )
+                why_save = f"{tc.save_every_minutes:g} minutes since the last checkpoint" if due else None
+                if poll:  # every rank together: the launcher's notices (Ray: a barrier of its own)
+                    drain = notices() if notices is not None else None
+                    more_stops, drains = dist.all_sum([float(STOP.requested), float(drain is not None)])
+                    stops += more_stops
+                    if drains:
+                        why_save = drain or "a node drain notice on another rank"
                 progress.step_in_epoch, progress.global_step = i + 1, progress.global_step + 1
                 progress.tokens_seen += int(tokens)
                 progress.windows_seen += int(windows)
@@ -247,8 +279,12 @@ def train_loop(
                     progress.epoch, progress.step_in_epoch = epoch + 1, 0
                 if end_of_epoch or stop or (tc.eval_every is not None and gs % tc.eval_every == 0):
                     evaluate_and_save(s, progress, epoch + (i + 1) / len(plan.steps))
-                elif tc.save_every is not None and gs % tc.save_every == 0:
+                elif (tc.save_every is not None and gs % tc.save_every == 0) or why_save or stops:
+                    if why_save and not stops:
+                        log.info("checkpoint at step %d: %s", gs, why_save)
                     save(s, progress, {})
+                if stops:
+                    stop_here(s, progress, total_steps)
                 if stop:
                     break
             epoch += 1
@@ -259,6 +295,7 @@ def train_loop(
         success = True
         return results if group.rank == 0 else None
     finally:
+        STOP.done()  # a stop request that came during the final scoring: the run finished anyway
         run.close(success)
 
 
@@ -449,6 +486,7 @@ def evaluate(s: Session, name: str) -> EvalResult:
 
 def evaluate_and_save(s: Session, progress: TrainingProgress, epoch_f: float) -> None:
     """Evaluate validation and the named sets, record them, then checkpoint (the manifest names the best)."""
+    _inject_fault(dist.rank(), progress.global_step, "eval")
     val: dict[str, Any] | None = None
     for name in s.data.eval_names:
         res = evaluate(s, name)
@@ -496,8 +534,11 @@ def save(s: Session, progress: TrainingProgress, eval_metrics: dict[str, Any]) -
         write_json(folder / "labels.json", s.data.labels)
         (folder / "tokenizer.sha256").write_text(s.data.tokenizer_sha)
         (folder / "config.yaml").write_text(dump_yaml(s.cfg), encoding="utf-8")
+        if (s.run.workdir / "metrics.jsonl").is_file():  # what a resume from here continues
+            shutil.copyfile(s.run.workdir / "metrics.jsonl", folder / "metrics.jsonl")
     best = checkpoint_name(progress.best_step) if progress.best_step is not None else None
     s.run.commit(progress.global_step, folder, eval_metrics, {"best": best, "world": dist.world()})
+    s.clock.saved()
     _inject_fault(rank, progress.global_step, "save")
     name = checkpoint_name(progress.global_step)
     if s.report is not None:
@@ -505,6 +546,23 @@ def save(s: Session, progress: TrainingProgress, eval_metrics: dict[str, Any]) -
             {"step": progress.global_step, **({"eval_f1": eval_metrics["f1"]} if eval_metrics else {})}, name
         )
     return name
+
+
+def stop_here(s: Session, progress: TrainingProgress, total_steps: int) -> None:
+    """Every rank, after a stop request and this step's checkpoint: wait for its upload, then raise
+    Preempted (the watchdog of `stopping.STOP` ends the process if this outlasts the grace)."""
+    from raytag.cluster.checkpoints import checkpoint_name
+
+    reason = dist.broadcast_object(STOP.reason if dist.rank() == 0 else None) or STOP.reason
+    reason = reason or "a stop request on another rank"
+    s.view.close()
+    s.run.wait()  # the checkpoint is complete in storage on every rank, or all raise
+    STOP.done()
+    name = checkpoint_name(progress.global_step)
+    raise Preempted(
+        f"{reason}: stopped at step {progress.global_step} of {total_steps} with checkpoint {name} "
+        f"saved in {s.run.uri}; run the same command again to continue"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,6 +717,7 @@ RESUMABLE_CHANGES = (
     "epochs",
     "eval_every",
     "save_every",
+    "save_every_minutes",
     "log_every",
     "threads",
     "eval_batch_tokens",
@@ -718,28 +777,46 @@ def check_resume(
         )
 
 
+FAULT_MODES = ("exit", "raise", "kill", "term")
+FAULT_POINTS = ("step", "eval", "save")
+
+
 def _inject_fault(rank: int, step: int, point: str) -> None:
-    """Failure-recovery testing: RAYTAG_FAULT_INJECT="RANK:STEP:MARKER[:MODE]" makes that rank fail
-    once (the marker file records it). MODE `exit` (default): the process exits at the start of
-    that step, as if SIGKILLed; `raise`: it raises there instead (an error on one rank only);
-    `save`: the process exits right after that step's checkpoint is written locally and its
-    upload has begun. Unset: nothing."""
+    """Failure-recovery testing: RAYTAG_FAULT_INJECT="RANK:STEP:MARKER[:MODE][:POINT]" makes that rank
+    fail once (the marker file records it), at STEP's POINT:
+
+    - POINT `step` (default): the start of that optimizer step; `eval`: the start of the evaluation
+      after it; `save`: right after its checkpoint is written locally and its upload has begun.
+    - MODE `exit` (default): the process exits at once (`os._exit`, no cleanup); `kill`: it sends
+      itself SIGKILL; `term`: it sends itself SIGTERM (a stop request, handled as from outside);
+      `raise`: it raises (an error on one rank only).
+
+    The older form MODE `save` means `exit` at POINT `save`. Unset: nothing."""
     spec = os.environ.get("RAYTAG_FAULT_INJECT")
     if not spec:
         return
     want_rank, want_step, rest = spec.split(":", 2)
-    if ":" in rest and rest.rsplit(":", 1)[1] in ("exit", "raise", "save"):
-        marker, mode = rest.rsplit(":", 1)
-    else:
-        marker, mode = rest, "exit"
-    at = "save" if mode == "save" else "step"
+    parts = rest.split(":")
+    mode, at = "exit", "step"
+    while len(parts) > 1 and parts[-1] in (*FAULT_MODES, *FAULT_POINTS, "save"):
+        word = parts.pop()
+        if word in FAULT_MODES:
+            mode = word
+        else:
+            at = word
+    marker = ":".join(parts)
     if rank != int(want_rank) or step != int(want_step) or at != point or Path(marker).exists():
         return
-    Path(marker).write_text(f"rank {rank} failed ({mode}) at step {step}\n")
+    Path(marker).write_text(f"rank {rank} failed ({mode}) at step {step} ({point})\n")
     if mode == "raise":
         raise RuntimeError(f"RAYTAG_FAULT_INJECT: injected failure on rank {rank} at step {step}")
-    log.warning("RAYTAG_FAULT_INJECT: killing rank %d at step %d (%s)", rank, step, mode)
-    os._exit(17)
+    log.warning("RAYTAG_FAULT_INJECT: %s on rank %d at step %d (%s)", mode, rank, step, point)
+    if mode == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        os._exit(17)
 
 
 def _grad_norm(engine) -> float | None:
