@@ -103,7 +103,7 @@ def _preflight(cfg: Config) -> Config:
     if "train" not in splits:
         raise ConfigError("data.train: no training file given")
     labels = make_labels(splits["train"], cfg.data.labels)
-    if not cfg.run.new_run and cfg.run.resume and not storage.exists(join_key(cfg.run.name, "results.json")):
+    if not cfg.run.new_run and cfg.run.resume:  # a finished run too: it may be asked to train longer
         info = CheckpointStore(storage, cfg.run.name, log=log.info).latest()
         if info is not None:
             tokenizer_sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))

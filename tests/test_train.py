@@ -93,6 +93,41 @@ def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch):
     )
 
 
+def test_a_finished_run_trains_on_when_asked_for_more_steps(tmp_path, caplog):
+    common = ["data.max_train_samples=48", "data.max_eval_samples=16", "data.test=null", "train.log_every=1"]
+    first = run(tmp_path, "longer", *common, "train.max_steps=3")
+    before = losses(tmp_path / "longer")
+    caplog.set_level("INFO", logger="raytag")
+    again = run(tmp_path, "longer", *common, "train.max_steps=3")  # the same settings: nothing to do
+    assert "already finished" in caplog.text and again == first
+
+    more = run(tmp_path, "longer", *common, "train.max_steps=5")
+    assert "finished at step 3; training on to step 5" in caplog.text
+    assert more["resumed_from"] == "step-00000003" and more["global_steps"] == 5
+    after = losses(tmp_path / "longer")
+    assert sorted(after) == [1, 2, 3, 4, 5]
+    assert all(after[s] == before[s] for s in (1, 2, 3))  # the first 3 steps are the finished run's
+    assert json.loads((tmp_path / "longer" / "results.json").read_text())["global_steps"] == 5
+
+
+def test_save_every_minutes_checkpoints_on_the_clock(tmp_path, caplog):
+    caplog.set_level("INFO", logger="raytag")
+    run(
+        tmp_path,
+        "clock",
+        "data.max_train_samples=96",
+        "data.max_eval_samples=16",
+        "data.test=null",
+        "train.batch_tokens=384",
+        "train.max_steps=8",
+        "train.save_every_minutes=0.0001",  # 6 ms: due at (nearly) every step boundary
+    )
+    timed = [r.getMessage() for r in caplog.records if "minutes since the last checkpoint" in r.getMessage()]
+    assert len(timed) >= 3, caplog.text[-3000:]  # steps 1-7 (step 8 is the final evaluation's checkpoint)
+    saved = {m.split("saved checkpoint ")[1].split()[0] for m in caplog.messages if "saved checkpoint" in m}
+    assert len(saved) >= len(timed), saved
+
+
 def test_auto_batch_tokens_is_logged_and_planned(tmp_path, caplog):
     # The demo config sets 1024 tokens; `auto` on its ~1000 training sentences, one epoch, picks a
     # smaller budget, says so in one line, and the loop's plan has the steps that line announces.

@@ -144,14 +144,16 @@ def train_loop(
     )
     success = False
     try:
-        if run.finished and not rc.new_run:
+        finished = run.read_json("results.json") if run.finished and not rc.new_run else None
+        if finished is not None and not _lengthened(cfg, finished):
             log.info(
-                "run %r in %s already finished: results.json exists (set run.new_run=true to train again)",
+                "run %r in %s already finished: results.json exists (set run.new_run=true to train again, "
+                "or raise train.epochs / train.max_steps to train on)",
                 rc.name,
                 storage.uri,
             )
             success = True
-            return run.read_json("results.json")
+            return finished
 
         # ---- data, model, engine
         data = load_data(cfg)
@@ -171,6 +173,25 @@ def train_loop(
 
         steps_per_epoch = len(epoch_plan(0).steps)
         total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+        if finished is not None:  # a finished run asked to train longer (as the HF Trainer resumes)
+            done = int(finished.get("global_steps") or 0)
+            if total_steps <= done:
+                log.info(
+                    "run %r already finished at step %d; the new train.epochs / train.max_steps plan %d steps: "
+                    "nothing to add",
+                    rc.name,
+                    done,
+                    total_steps,
+                )
+                success = True
+                return finished
+            log.info(
+                "run %r finished at step %d; training on to step %d from its last checkpoint, the learning-rate "
+                "schedule re-planned to end there",
+                rc.name,
+                done,
+                total_steps,
+            )
         model = load_model(mc.name_or_path, data.labels, data.tokenizer, tc.seed, mc.dropout)
         model.to(device)
         spec = engine_spec(cfg, world, total_steps, device.type == "cuda")
@@ -779,6 +800,12 @@ def check_resume(
 
 FAULT_MODES = ("exit", "raise", "kill", "term")
 FAULT_POINTS = ("step", "eval", "save")
+
+
+def _lengthened(cfg: Config, results: dict[str, Any]) -> bool:
+    """Whether this config trains longer than the finished run's (train.epochs or train.max_steps changed)."""
+    old = ((results.get("provenance") or {}).get("config") or {}).get("train") or {}
+    return old.get("epochs") != cfg.train.epochs or old.get("max_steps") != cfg.train.max_steps
 
 
 def _inject_fault(rank: int, step: int, point: str) -> None:
