@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def _preflight(cfg: Config) -> Config:
                 return storage.get_bytes(join_key(cfg.run.name, "checkpoints", i.name, rel))
 
             check_resume(cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers)
-    lock = RunLock(storage, cfg.run.name, cfg.run.owner or "", log=log.info)
+    lock = RunLock(storage, cfg.run.name, cfg.run.owner or "", log=log.info, gone=_ray_job_gone)
     if not cfg.run.new_run:
         lock.check()
         return cfg
@@ -157,6 +158,127 @@ def _ray_storage(cfg: Config) -> tuple[str, Any]:
 WORKER_ENV = ("RAYTAG_FAULT_INJECT", "RAYTAG_DS_SHM_COMM")
 
 
+class StopFlag:
+    """The driver's stop request, read by the workers (a Ray actor with no CPU of its own)."""
+
+    def __init__(self) -> None:
+        self.request: tuple[str, float] | None = None
+
+    def set(self, reason: str, deadline: float) -> None:
+        if self.request is None:
+            self.request = (reason, deadline)
+
+    def get(self) -> tuple[str, float] | None:
+        return self.request
+
+
+class _DriverStop:
+    """The driver's SIGTERM (`ray job stop`, a Kubernetes pod stop): tell the workers to stop at their
+    next step boundary with a checkpoint. The signal handler only hands the request to a thread."""
+
+    def __init__(self, flag: Any, grace_s: float) -> None:
+        import threading
+
+        self.flag, self.grace_s = flag, grace_s
+        self.reason: str | None = None
+        self._pending: list[tuple[str, float]] = []
+        self._wake = threading.Event()
+        threading.Thread(target=self._forward, name="raytag-stop", daemon=True).start()
+
+    def __call__(self, reason: str, deadline: float) -> None:  # in the signal handler
+        if self.reason is None:
+            self.reason = reason
+            self._pending.append((f"{reason} by the driver", deadline))
+            self._wake.set()
+
+    def _forward(self) -> None:
+        import ray
+
+        self._wake.wait()
+        reason, deadline = self._pending[0]
+        wait_s = int(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3"))  # what `ray job stop` allows
+        log.warning(
+            "%s: asking the workers to stop at their next step boundary with a checkpoint (%.0f s)",
+            reason,
+            self.grace_s,
+        )
+        if os.environ.get("RAY_JOB_ID") and wait_s < self.grace_s:
+            log.warning(
+                "`ray job stop` kills this driver %d s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S); submit "
+                'with --runtime-env-json \'{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "%d"}}\' to give the '
+                "checkpoint its %.0f s",
+                wait_s,
+                int(self.grace_s) + 10,
+                self.grace_s,
+            )
+        ray.get(self.flag.set.remote(reason, deadline))
+
+
+def _notices(flag: Any) -> Any:
+    """The loop's outside notices on a Ray worker, asked on every rank together every few seconds:
+    the driver's stop request (-> stop with a checkpoint), and Ray Train's preemption notice for a
+    node drain (-> a checkpoint now, training goes on, as Ray recommends; when the node goes, Ray
+    restarts the group and the loop resumes from that checkpoint)."""
+    import ray
+    import ray.train
+
+    from raytag.trainer.stopping import STOP
+
+    seen: list[Any] = []
+
+    def notices() -> str | None:
+        request = ray.get(flag.get.remote(), timeout=30)
+        if request is not None:
+            STOP.request(*request)
+        info = ray.train.get_preemption_info()  # a barrier of Ray's: every rank calls it together
+        if info is None or info in seen:
+            return None
+        seen.append(info)
+        left = (
+            f", {info.deadline_ms / 1000 - __import__('time').time():.0f} s left" if info.deadline_ms else ""
+        )
+        return f"Ray reports node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} preempted (ranks {info.preempted_ranks}{left})"
+
+    return notices
+
+
+def _lease_info() -> dict[str, Any]:
+    """What a Ray job writes into the run lease: its job id and cluster, so that a job resubmitted
+    after a lost driver can see the old job is gone (`_ray_job_gone`)."""
+    import ray
+
+    return {"ray_job": ray.get_runtime_context().get_job_id(), "ray_cluster": _cluster_id()}
+
+
+def _cluster_id() -> str | None:
+    import ray
+
+    try:
+        return ray._private.worker.global_worker.current_cluster_and_job[0].hex()
+    except Exception:  # private API: without it, a lease is judged by its heartbeat and pid only
+        return None
+
+
+def _ray_job_gone(lease: dict[str, Any]) -> str | None:
+    """Why the lease's Ray job is provably gone (this cluster lists it as ended), else None."""
+    job = lease.get("ray_job")
+    if not job or not lease.get("ray_cluster"):
+        return None
+    _connect()
+    if _cluster_id() != lease["ray_cluster"]:
+        return None  # another cluster's job: only its heartbeat can tell
+    import ray
+
+    try:
+        jobs = {j["JobID"]: j for j in ray._private.state.jobs()}
+    except Exception:
+        return None
+    entry = jobs.get(job)
+    if entry is not None and entry.get("IsDead"):
+        return f"its Ray job {job} on this cluster has ended (its driver is gone)"
+    return None
+
+
 def _train_worker(job: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -179,20 +301,29 @@ def _train_worker(job: dict[str, Any]) -> None:
         from ray.train.torch import get_device
 
         device = get_device()  # the GPU Ray gave this worker (not necessarily cuda:LOCAL_RANK)
-    train_loop(config, report=report, node=ray.get_runtime_context().get_node_id(), device=device)
+    train_loop(
+        config,
+        report=report,
+        node=ray.get_runtime_context().get_node_id(),
+        device=device,
+        notices=_notices(job["stop"]),
+        lease_info=_lease_info(),
+    )
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from raytag.cluster.runlock import RunLockedError
     from raytag.cluster.storage import StorageError
     from raytag.trainer.conll import ConllError
+    from raytag.trainer.stopping import Preempted
 
-    return (ConfigError, ConllError, RunLockedError, StorageError)
+    return (ConfigError, ConllError, RunLockedError, StorageError, Preempted)
 
 
 def _failure_policy(inner: Any) -> Any:
     """Ray's failure policy, except that a user error (bad config or data, a refused resume, a
-    local folder on several nodes) ends the run at once: a restart would fail the same way."""
+    local folder on several nodes) ends the run at once: a restart would fail the same way. So does
+    a stop on request (`Preempted`): the workers saved a checkpoint and stopped as asked."""
     from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
     from ray.train.v2.api.exceptions import WorkerGroupError
 
@@ -277,15 +408,22 @@ def launch(cfg: Config) -> dict[str, Any] | None:
         cfg.run.name,
         storage_path,
     )
+    import ray
+
+    from raytag.trainer.stopping import on_sigterm
+
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()
     trainer = _trainer_class()(
         _train_worker,
         train_loop_config={
             "config": to_dict(cfg),
             "env": {k: os.environ[k] for k in WORKER_ENV if k in os.environ},
+            "stop": flag,
         },
         scaling_config=scaling,
         run_config=run_config,
     )
+    restore = on_sigterm(cfg.run.stop_grace_seconds, forward=_DriverStop(flag, cfg.run.stop_grace_seconds))
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the root cause's message, one line
@@ -301,6 +439,8 @@ def launch(cfg: Config) -> dict[str, Any] | None:
         text = str(cause).strip().splitlines()
         last = next((ln for ln in reversed(text) if ln.strip()), type(cause).__name__)
         raise LaunchError(f"the Ray Train run {cfg.run.name!r} failed: {last.strip()}") from None
+    finally:
+        restore()
     storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
     raw = storage.get_bytes(f"{cfg.run.name}/results.json")
     return json.loads(raw) if raw else None

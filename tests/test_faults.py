@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from raytag.trainer.config import load_config
-from tests.helpers import RAY_SMALL
+from tests.helpers import RAY_SMALL, assert_matches_one_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,10 @@ def test_worker_killed_as_its_checkpoint_upload_begins_resumes_from_that_checkpo
     body = client.get_object(Bucket=bucket, Key="runs/lost/metrics.jsonl")["Body"].read().decode()
     steps = [json.loads(x)["step"] for x in body.splitlines() if json.loads(x)["type"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # each step once across both attempts
+    # ... and the result is the uninterrupted run's (one worker, the same global batches)
+    assert_matches_one_worker(
+        body.splitlines(), results, [*COMMON, "train.max_steps=8", "train.save_every=4"], tmp_path
+    )
     manifest = json.loads(
         client.get_object(Bucket=bucket, Key="runs/lost/checkpoints/step-00000008/MANIFEST.json")[
             "Body"
@@ -106,6 +110,55 @@ def test_worker_killed_as_its_checkpoint_upload_begins_resumes_from_that_checkpo
         ]
     }
     assert names <= listed
+
+
+def test_sigterm_to_the_driver_stops_every_worker_with_a_checkpoint_and_the_rerun_continues(
+    aws_env, local_ray, tmp_path
+):
+    """`ray job stop` and a Kubernetes pod stop send the driver SIGTERM: it asks the workers to stop
+    at their next step boundary; they save, upload, and the driver raises Preempted (exit 75).
+    The same launch then continues from that checkpoint to the end."""
+    import signal
+    import threading
+
+    from raytag.launcher.ray_launcher import launch
+    from raytag.trainer.stopping import Preempted
+
+    bucket = aws_env.make_bucket()
+    client = aws_env.client()
+    cfg = _s3_config(bucket, "term", "train.max_steps=40", "train.eval_every=1000")
+
+    def trained() -> int:
+        try:
+            body = client.get_object(Bucket=bucket, Key="runs/term/metrics.jsonl")["Body"].read().decode()
+        except Exception:
+            return 0
+        return max((json.loads(x)["step"] for x in body.splitlines() if '"train"' in x), default=0)
+
+    sent: dict[str, float] = {}
+
+    def terminate_at_step_2() -> None:
+        deadline = time.time() + 300
+        while trained() < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        sent["at"], sent["step"] = time.monotonic(), trained()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_at_step_2, daemon=True).start()
+    with pytest.raises(Preempted) as info:
+        launch(cfg)
+    took = time.monotonic() - sent["at"]
+    message = str(info.value)
+    assert message.startswith("SIGTERM received by the driver: stopped at step "), message
+    step = int(message.split("stopped at step ")[1].split()[0])
+    assert sent["step"] <= step < 40 and took < 30, (message, sent, took)
+    name = f"step-{step:08d}"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/term/")["Contents"]}
+    assert f"runs/term/checkpoints/{name}/MANIFEST.json" in keys
+    assert "runs/term/results.json" not in keys and "runs/term/LOCK.json" not in keys
+
+    results = launch(cfg)
+    assert results is not None and results["resumed_from"] == name and results["global_steps"] == 40
 
 
 def test_an_error_on_one_rank_ends_the_run_and_user_errors_are_refused_once(

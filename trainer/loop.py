@@ -48,7 +48,7 @@ log = logging.getLogger("raytag")
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 Notices = Callable[[], "str | None"]
-NOTICE_POLL_S = 5.0  # how often rank 0's clock asks for outside notices (Ray polls node drains as often)
+NOTICE_POLL_S = 2.0  # how often rank 0's clock asks for outside notices (the driver's stop, a node drain)
 
 
 @dataclass
