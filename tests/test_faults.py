@@ -189,3 +189,54 @@ def test_an_error_on_one_rank_ends_the_run_and_user_errors_are_refused_once(
     with pytest.raises(ConfigError, match=r"trained with 2 worker\(s\) and this run has 1"):
         launch(_s3_config(bucket, "err", "train.max_steps=6", "scaling.num_workers=1"))
     assert time.monotonic() - started < 30  # decided in the driver: no worker group was started
+
+
+def test_a_lease_of_an_ended_ray_job_is_taken_over_at_once(aws_env, local_ray):
+    """The driver of a `ray job submit` is killed (its job ends, Ray kills its workers) and the job
+    is resubmitted: the lease its rank 0 wrote on some other node is taken over at once, because
+    this cluster lists that Ray job as ended. A live job's lease is still refused."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from raytag.cluster.runlock import RunLock, RunLockedError
+    from raytag.cluster.storage import open_storage
+    from raytag.launcher.ray_launcher import _cluster_id, _ray_job_gone
+
+    gcs = ray.get_runtime_context().gcs_address
+    code = f"import ray; ray.init(address={gcs!r}); print(ray.get_runtime_context().get_job_id())"
+    ended = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    ended_job = ended.stdout.strip().splitlines()[-1]
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(
+        j["JobID"] == ended_job and j["IsDead"] for j in ray._private.state.jobs()
+    ):
+        time.sleep(0.2)
+
+    storage = open_storage(f"s3://{aws_env.make_bucket()}/runs")
+
+    def lease(job: str) -> bytes:  # written moments ago by a process on another machine
+        return json.dumps(
+            {
+                "owner": "elsewhere:1:old",
+                "heartbeat": time.time(),
+                "host": "elsewhere",
+                "pid": 1,
+                "ray_job": job,
+                "ray_cluster": _cluster_id(),
+            }
+        ).encode()
+
+    storage.put_bytes("dead/LOCK.json", lease(ended_job))
+    logs: list[str] = []
+    lock = RunLock(storage, "dead", "new:2:owner", log=logs.append, gone=_ray_job_gone)
+    lock.acquire()
+    lock.release()
+    assert any(f"its Ray job {ended_job} on this cluster has ended" in m for m in logs), logs
+
+    storage.put_bytes("live/LOCK.json", lease(ray.get_runtime_context().get_job_id()))
+    with pytest.raises(RunLockedError):
+        RunLock(storage, "live", "new:2:owner", log=logs.append, gone=_ray_job_gone).acquire()
