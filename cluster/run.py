@@ -27,6 +27,7 @@ node, keyed by the full run location (storage URI and run name), shared by the n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -194,8 +195,12 @@ class RunStore:
         self.files = RunFiles(storage, name, log=log, retry_budget_s=retry_budget_s)
         # Rank k's part uploads run in order on one thread (rank 0 then waits for the others' markers).
         self._parts = ThreadPoolExecutor(1, thread_name_prefix="raytag-part")
-        self._pending: list[Future] = []
+        # Rank 0 writes manifests on a thread of their own: it may wait there for other ranks' parts.
+        self._manifests = ThreadPoolExecutor(1, thread_name_prefix="raytag-manifest")
+        self._pending: list[Future] = []  # this rank's part uploads, then (rank 0) manifest writes
         self._pending_lock = threading.Lock()
+        self._broken: str | None = None  # a part upload failed: later parts are not attempted
+        self._abandon = threading.Event()  # a rank failed: stop waiting for parts that never come
         self.finished = storage.exists(join_key(name, "results.json"))
 
     # ------------------------------------------------------------------ opening
@@ -359,15 +364,28 @@ class RunStore:
 
     def _commit_part(self, folder: Path, part: Part) -> None:
         name = folder.name
+        if self._broken is not None:  # the run ends at its next check; the parts stay on the node's disk
+            raise CheckpointUploadError(f"checkpoint {name} was not uploaded: {self._broken}")
         try:
             self._upload_part(folder, part)
-            if part.rank == 0:
-                self._write_manifest_when_complete(name, part.world)
+        except Exception as exc:
+            self._broken = f"the upload of checkpoint {name} failed before it"
+            raise CheckpointUploadError(
+                redact(f"checkpoint {name} was not saved to {self.store.where(name)}: {exc}")
+            ) from exc
+        if part.rank == 0:
+            future = self._manifests.submit(self._commit_manifest, name, part.world)
+            with self._pending_lock:
+                self._pending.append(future)
+        self._prune_staging()
+
+    def _commit_manifest(self, name: str, world: int) -> None:
+        try:
+            self._write_manifest_when_complete(name, world)
         except Exception as exc:
             raise CheckpointUploadError(
                 redact(f"checkpoint {name} was not saved to {self.store.where(name)}: {exc}")
             ) from exc
-        self._prune_staging()
 
     def _upload_part(self, folder: Path, part: Part) -> None:
         """Upload a rank's files of the checkpoint in `folder`, then its part marker; mark it uploaded locally."""
@@ -390,7 +408,7 @@ class RunStore:
         prefix = join_key(self.name, CHECKPOINTS, name, PARTS)
         parts: dict[int, dict[str, Any]] = {}
         for key in self.store._call(lambda: list(self.storage.list(prefix)), f"listing the parts of {name}"):
-            raw = self.store._call(lambda key=key: self.storage.get_bytes(key), f"reading {key}")
+            raw = self.store._call(functools.partial(self.storage.get_bytes, key), f"reading {key}")
             try:
                 doc = json.loads(raw or b"")
                 parts[int(doc["rank"])] = doc
@@ -406,12 +424,14 @@ class RunStore:
             parts = self._parts_of(name)
             if all(r in parts for r in range(world)):
                 break
+            if self._abandon.is_set():
+                raise StorageError("another rank's part failed; its manifest is not written")
             if time.monotonic() > deadline:
                 absent = [r for r in range(world) if r not in parts]
                 raise StorageError(
                     f"the parts of ranks {absent} never arrived in {self.part_timeout_s:.0f} s"
                 )
-            time.sleep(delay)
+            self._abandon.wait(delay)
             delay = min(2.0, delay * 1.5)
         self._manifest_from_parts(name, parts)
 
@@ -527,15 +547,12 @@ class RunStore:
         return errors[0] if errors else None
 
     def wait(self) -> None:
-        """Every rank: wait for this rank's uploads; all ranks raise if any rank's upload failed."""
-        with self._pending_lock:
-            pending = list(self._pending)
-        for future in pending:
-            try:
-                future.result()
-            except BaseException:
-                pass  # reported by _failed below
-        error = self._failed()
+        """Every rank: wait for this rank's uploads; all ranks raise if any rank's upload failed.
+
+        Two rounds: first every rank's own parts (then all agree), then rank 0's manifests, which
+        wait for the other ranks' parts: a rank whose part failed never leaves rank 0 waiting."""
+        self._agree(self._settle(self._parts))
+        error = self._settle(self._manifests)
         if error is None:
             try:
                 self.store.wait()
@@ -543,7 +560,20 @@ class RunStore:
                     self.files.wait()
             except BaseException as exc:
                 error = exc
-        self.group.agree(error)
+        self._agree(error)
+
+    def _settle(self, executor: ThreadPoolExecutor) -> BaseException | None:
+        """Wait until `executor` (parts, or manifests: one thread each, in order) has run everything
+        queued so far; the first failure among finished uploads."""
+        executor.submit(lambda: None).result()
+        return self._failed()
+
+    def _agree(self, error: BaseException | None) -> None:
+        try:
+            self.group.agree(error)
+        except BaseException:
+            self._abandon.set()  # rank 0 stops waiting for parts that will not come
+            raise
 
     def close(self, success: bool) -> None:
         """This rank only: finish uploads already under way (nothing lost), release the lease.
@@ -551,12 +581,15 @@ class RunStore:
         After a successful run the node's staging folder is removed: the bucket holds everything.
         """
         errors: list[BaseException] = []
+        self._parts.shutdown(wait=True)  # this rank's parts: uploaded, or failed within the retry budget
+        if not success:
+            self._abandon.set()  # no manifest waits for a rank that is gone or failed
+        self._manifests.shutdown(wait=True)
         for future in list(self._pending):
             try:
                 future.result()
             except BaseException as exc:
                 errors.append(exc)
-        self._parts.shutdown(wait=True)
         for closer in (self.store.close, self.files.close):
             try:
                 closer()

@@ -234,9 +234,7 @@ def _notices(flag: Any) -> Any:
         if info is None or info in seen:
             return None
         seen.append(info)
-        left = (
-            f", {info.deadline_ms / 1000 - __import__('time').time():.0f} s left" if info.deadline_ms else ""
-        )
+        left = f", {info.deadline_ms / 1000 - time.time():.0f} s left" if info.deadline_ms else ""
         return f"Ray reports node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} preempted (ranks {info.preempted_ranks}{left})"
 
     return notices

@@ -155,3 +155,61 @@ def test_a_local_folder_on_two_nodes_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(StorageError, match="run.storage: the local folder .* sit on 2 nodes"):
         RunStore.open(LocalStorage(tmp_path), RUN, group=TwoNodes(0), node="node-a", owner="t", log=print)
+
+
+class ThreadRank(Rank):
+    """A rank played by a thread: `agree` is a real agreement between the threads."""
+
+    def agree(self, error: BaseException | None) -> None:
+        board, gate = self.shared
+        board[self.rank] = error
+        gate.wait()
+        failed = [e for e in board.values() if e is not None]
+        gate.wait()  # everyone has read the board before the next round writes it
+        if failed:
+            raise failed[0]
+
+
+def test_a_failed_part_on_one_rank_never_leaves_rank_0_waiting_for_it(tmp_path: Path) -> None:
+    """Rank 1's upload fails for good; rank 0's manifest writer waits for rank 1's part marker.
+    `wait()` agrees on the parts first, so both ranks raise at once (not after the part timeout),
+    and rank 0's close does not wait for the part that never comes."""
+    import threading
+    import time
+
+    storage = bucket(tmp_path)
+    storage.fail["zero_pp_rank_1_mp_rank_00_optim_states.pt"] = [StorageError("disk full", transient=False)]
+    shared = ({}, threading.Barrier(2))
+    outcome: dict[int, BaseException | None] = {}
+
+    def play(rank: int) -> None:
+        run = RunStore.open(
+            storage,
+            RUN,
+            group=ThreadRank(rank, 2, local_rank=0 if rank == 0 else 1, shared=shared),
+            node="n1",
+            owner="test",
+            staging_root=str(tmp_path / f"node{rank}"),
+            log=lambda m: None,
+        )
+        folder = run.checkpoint_folder(2)
+        write_part(folder, rank, 2)
+        run.commit(2, folder, {}, {"world": 2})
+        try:
+            run.wait()
+            outcome[rank] = None
+        except BaseException as exc:
+            outcome[rank] = exc
+        finally:
+            run.close(success=False)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=play, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a rank is still waiting"
+    assert time.monotonic() - t0 < 30
+    assert all("checkpoint step-00000002 was not saved" in str(outcome[r]) for r in (0, 1)), outcome
+    assert not storage.exists(f"{RUN}/checkpoints/step-00000002/MANIFEST.json")

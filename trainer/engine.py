@@ -83,6 +83,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def ensure_process_group_env() -> None:
     """One process without a launcher: DeepSpeed needs the torch.distributed env variables."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if "LOCAL_RANK" not in os.environ and torch.distributed.get_world_size() == 1:
+            os.environ["LOCAL_RANK"] = (
+                "0"  # an earlier run in this process started the group; DeepSpeed reads it
+            )
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
