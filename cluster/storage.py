@@ -1168,7 +1168,7 @@ def list_inputs(
     files = sorted(f.resolve() for f in files if f.is_file() and not f.name.startswith("."))
     if not files:
         raise StorageError(f"{text}: file not found (no input file matches)")
-    return [InputFile(str(f), f.stat().st_size, _file_sha256(f)) for f in files]
+    return [InputFile(str(f), f.stat().st_size, file_sha256(f)) for f in files]
 
 
 def read_input(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> bytes:
@@ -1187,7 +1187,8 @@ def read_input(uri: str, *, endpoint_url: str | None = None, region: str | None 
         raise StorageError(f"{uri}: cannot read file ({exc.strerror or exc})") from exc
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

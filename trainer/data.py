@@ -25,11 +25,9 @@ def resolve_path(path: str) -> str:
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from raytag.cluster.storage import file_sha256 as sha
+
+    return sha(path)
 
 
 @dataclass

@@ -392,13 +392,14 @@ def open_prepared(uri: str, fp: str, endpoint_url: str | None = None, region: st
 # the per-file tasks (top-level functions: they run in other processes or as Ray tasks)
 
 
-def _scan_file(uri: str, limit: int | None, opts: dict[str, Any]) -> dict[str, Any]:
+def _read_file(uri: str, limit: int | None, opts: dict[str, Any]) -> Any:
+    """Read and validate one input file (a ConllFile); ConllError names the file and line."""
     from raytag.cluster.storage import read_input
 
     from .conll import parse_conll_bytes
 
     data = read_input(uri, endpoint_url=opts["endpoint_url"], region=opts["region"])
-    cf = parse_conll_bytes(
+    return parse_conll_bytes(
         data,
         uri,
         tag_scheme=opts["tag_scheme"],
@@ -406,6 +407,10 @@ def _scan_file(uri: str, limit: int | None, opts: dict[str, Any]) -> dict[str, A
         max_sentences=limit,
         labels=opts["labels"],
     )
+
+
+def _scan_file(uri: str, limit: int | None, opts: dict[str, Any]) -> dict[str, Any]:
+    cf = _read_file(uri, limit, opts)
     tags = {t for s in cf.sentences for t in s.tags}
     if cf.repaired:
         log.warning(
@@ -448,21 +453,9 @@ def _encode_file(
 ) -> list[dict[str, Any]]:
     """Tokenise sentences [0, take) of file `uri` (sentences first.. of its corpus) and write its
     pieces of the corpus's shards (shard = corpus sentence // size). Returns each piece's record."""
-    from raytag.cluster.storage import read_input
-
-    from .conll import parse_conll_bytes
     from .features import encode
 
-    data = read_input(uri, endpoint_url=opts["endpoint_url"], region=opts["region"])
-    sentences = parse_conll_bytes(
-        data,
-        uri,
-        tag_scheme=opts["tag_scheme"],
-        strict=opts["strict"],
-        max_sentences=take,
-        labels=opts["labels"],
-    ).sentences[:take]
-    del data
+    sentences = _read_file(uri, take, opts).sentences[:take]
     tok = _tokenizer(tokenizer)
     store = _storage(root, opts["endpoint_url"], opts["region"])
     out = []
@@ -679,14 +672,12 @@ def _sha256(data: bytes) -> str:
 
 
 def _file_sha256(path: Any) -> str:
-    h = hashlib.sha256()
+    from raytag.cluster.storage import file_sha256
+
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError:
         return ""
-    return h.hexdigest()
 
 
 def _verified(store: Any, key: str, sha256: str) -> bytes:
