@@ -85,6 +85,7 @@ class Session:
     view: ProgressView
     report: Report | None
     batch_tokens: int  # train.batch_tokens as resolved (`auto` -> a number)
+    reader: ShardReader  # this rank's training shards
 
 
 def train_loop(
@@ -240,7 +241,7 @@ def train_loop(
         view = ProgressView(
             total_steps, progress.global_step, enabled=group.rank == 0, log_every=tc.log_every
         )
-        s = Session(cfg, run, engine, spec, data, device, pad_id, metrics, view, report, batch_tokens)
+        s = Session(cfg, run, engine, spec, data, device, pad_id, metrics, view, report, batch_tokens, reader)
 
         # ---- the loop
         window = _Window()
@@ -249,6 +250,7 @@ def train_loop(
         stop = progress.global_step >= total_steps
         while not stop:
             plan = epoch_plan(epoch)
+            reader.start_epoch(epoch)
             for i in range(progress.step_in_epoch, len(plan.steps)):
                 _inject_fault(group.rank, progress.global_step + 1, "step")
                 t0 = time.monotonic()
@@ -620,6 +622,7 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         preds[name] = evaluate(s, name)
         results[name] = preds[name].metrics
     sd = full_state_dict(s.engine)  # every rank: a collective under ZeRO-3
+    reads = dist.gather_objects(s.reader.opened)  # what each rank read (since this process started)
     if dist.rank() != 0:
         return None
 
@@ -656,7 +659,12 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         "model_checkpoint": model_from,
         "resumed_from": resumed_from,
         "labels": data.labels,
-        "train_data": train_provenance(data),
+        "train_data": {
+            **train_provenance(data),
+            # rank -> [[epoch, shard], ...]: the shards each rank loaded (this attempt; a resumed run's
+            # earlier reads are not repeated here)
+            "reads": {str(r): [list(x) for x in part] for r, part in enumerate(reads)},
+        },
         "provenance": {
             "raytag_version": versions().get("raytag"),
             "git_commit": git_commit(),

@@ -604,7 +604,13 @@ class ShardReader:
         self.prepared, self.store, self.rank, self.keep = prepared, store, rank, max(1, keep)
         self.label2id = {lab: i for i, lab in enumerate(prepared.labels)}
         self.loaded: OrderedDict[int, list[Window]] = OrderedDict()
-        self.opened: list[int] = []  # every shard this rank loaded, in order (a read log)
+        self.epoch = 0  # set by the loop: recorded with each read
+        self.opened: list[tuple[int, int]] = []  # (epoch, shard) of every shard this rank loaded: a read log
+
+    def start_epoch(self, epoch: int) -> None:
+        """A new epoch: its plan deals the shards anew, so nothing loaded is kept."""
+        self.epoch = epoch
+        self.loaded.clear()
 
     def windows(self, ids: Sequence[int]) -> list[Window]:
         shard_ids = np.searchsorted(self.prepared.starts, np.asarray(ids), side="right") - 1
@@ -621,7 +627,7 @@ class ShardReader:
             self.loaded.popitem(last=False)
         meta = self.prepared.manifest["shards"][k]
         log.info("rank %d reads shard %d (%s, %d windows)", self.rank, k, meta["corpus"], meta["windows"])
-        self.opened.append(k)
+        self.opened.append((self.epoch, k))
         windows: list[Window] = []
         fp = self.prepared.fingerprint
         for piece in meta["pieces"]:
