@@ -164,12 +164,14 @@ def _first_sentences(path: Path, n: int) -> list[str]:
 def _eval_batches(n: int) -> int:
     """How many evaluation batches the demo's validation set makes (its first n sentences)."""
     from raytag.trainer.batching import plan_batches
-    from raytag.trainer.loop import load_data
+    from raytag.trainer.features import encode
+    from raytag.trainer.loop import read_splits
+    from raytag.trainer.model import load_tokenizer
 
-    cfg = load_config(
-        ROOT / "configs" / "demo.yaml", [f"data.max_eval_samples={n}", "data.max_train_samples=10"]
-    )
-    enc = load_data(cfg).encoded["validation"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.max_eval_samples={n}"])
+    val = read_splits(cfg)["validation"]
+    tok = load_tokenizer(cfg.model.name_or_path)
+    enc = encode(val.words, None, tok, None, cfg.model.max_length, cfg.model.stride)
     lengths = [len(w) for w in enc.windows]
     return len(plan_batches(lengths, cfg.train.eval_batch_tokens, 1024, seed=0, epoch=0, shuffle=False))
 
