@@ -19,7 +19,7 @@ log = logging.getLogger("raytag")
 DEMO_CONFIG = "builtin:demo.yaml"
 
 USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
-       python trainer/main.py prepare [--config FILE] [--rebuild] [dotted.key=value ...]
+       python trainer/main.py prepare [--config FILE] [--rebuild] [--executor E] [dotted.key=value ...]
        python trainer/main.py predict --model DIR --input FILE [--format conll|text] [--output FILE]"""
 
 
@@ -124,21 +124,22 @@ def run(cfg: Config) -> dict | None:
     return launch(cfg)
 
 
-def prepare_only(cfg: Config, rebuild: bool = False) -> str:
+def prepare_only(cfg: Config, rebuild: bool = False, executor: str = "auto") -> str:
     """`prepare`: make (or find) the training shards of `cfg` and return where they are. Under
-    `ray job submit` the files are spread over the cluster as Ray tasks."""
+    `ray job submit` (or RAY_ADDRESS) large inputs are spread over the cluster as Ray tasks;
+    `executor` forces one way (inline, processes, ray)."""
     from .loop import tokenizer_fingerprint, train_spec
     from .model import load_tokenizer
     from .shards import prepare
 
     parallel = "processes"
-    if _ray_cluster_reachable():
+    if _ray_cluster_reachable() or executor == "ray":
         from raytag.launcher.ray_launcher import _connect
 
         _connect()
         parallel = "ray"
     sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
-    found = prepare(train_spec(cfg), sha, parallel=parallel, rebuild=rebuild)
+    found = prepare(train_spec(cfg), sha, executor=executor, parallel=parallel, rebuild=rebuild)
     return found.uri
 
 
@@ -169,9 +170,15 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()
             parser.prog = "trainer/main.py prepare"
             parser.add_argument("--rebuild", action="store_true", help="prepare again even if found")
+            parser.add_argument(
+                "--executor",
+                choices=["auto", "inline", "processes", "ray"],
+                default="auto",
+                help="auto: in-process for small inputs, else Ray tasks on a cluster or a process pool",
+            )
             args = parser.parse_args(argv[1:])
             cfg = load_config(resolve_config_path(args.config), args.overrides)
-            print(prepare_only(cfg, rebuild=args.rebuild))
+            print(prepare_only(cfg, rebuild=args.rebuild, executor=args.executor))
             return 0
         args = build_parser().parse_args(argv)
         cfg = load_config(resolve_config_path(args.config), args.overrides)

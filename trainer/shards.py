@@ -687,8 +687,11 @@ def _file_sha256(path: Any) -> str:
 
 
 def _verified(store: Any, key: str, sha256: str) -> bytes:
-    """The bytes of `key`, only once they match `sha256`: a corrupt shard is never parsed."""
-    data = store.get_bytes(key)
+    """The bytes of `key`, only once they match `sha256`: a corrupt shard is never parsed. A
+    transient storage failure (a bucket briefly unreachable) is retried with backoff, as uploads are."""
+    from raytag.cluster.storage import with_retries
+
+    data = with_retries(lambda: store.get_bytes(key), what=f"reading {store.display(key)}", log=log.info)
     if data is None:
         raise ShardError(
             f"prepared shard {store.display(key)} is missing; run `trainer/main.py prepare` again"
