@@ -120,7 +120,8 @@ def _preflight(cfg: Config) -> Config:
     # inputs), bad lines and tags surface as one error; the workers then find the shards.
     tokenizer_sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
     _connect()
-    labels = prepare(train_spec(cfg), tokenizer_sha, parallel="ray").labels
+    prepared = prepare(train_spec(cfg), tokenizer_sha, parallel="ray")
+    labels = prepared.labels
     if not cfg.run.new_run and cfg.run.resume and not storage.exists(join_key(cfg.run.name, "results.json")):
         info = CheckpointStore(storage, cfg.run.name, log=log.info).latest()
         if info is not None:
@@ -128,7 +129,9 @@ def _preflight(cfg: Config) -> Config:
             def read(i, rel: str) -> bytes | None:
                 return storage.get_bytes(join_key(cfg.run.name, "checkpoints", i.name, rel))
 
-            check_resume(cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers)
+            check_resume(
+                cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers, prepared.fingerprint
+            )
     lock = RunLock(storage, cfg.run.name, cfg.run.owner or "", log=log.info)
     if not cfg.run.new_run:
         lock.check()

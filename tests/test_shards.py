@@ -255,6 +255,14 @@ def test_resume_mid_epoch_over_shards_gives_the_same_losses(tmp_path, blocks, mo
         (tmp_path / "resumed" / "checkpoints" / "step-00000006" / "progress.json").read_text()
     )
     assert progress["step_in_epoch"] > 0  # mid-epoch: the plan position is in the checkpoint
+    # Other training data (one byte of one file) cannot resume the run: the plan depends on it.
+    from raytag.trainer.config import ConfigError
+
+    original = es.read_bytes()
+    es.write_bytes(original.replace(b" O\n", b" O \n", 1))
+    with pytest.raises(ConfigError, match=r"cannot resume run 'resumed': its training data differ"):
+        train(tmp_path, "resumed", *common)
+    es.write_bytes(original)
     res = train(tmp_path, "resumed", *common)
     assert res["resumed_from"] == "step-00000006"
     got = losses(tmp_path / "resumed")

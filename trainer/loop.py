@@ -192,7 +192,15 @@ def train_loop(
             error = None
             if group.rank == 0:
                 try:
-                    check_resume(cfg, info, run.stored_file, data.labels, data.tokenizer_sha, world)
+                    check_resume(
+                        cfg,
+                        info,
+                        run.stored_file,
+                        data.labels,
+                        data.tokenizer_sha,
+                        world,
+                        data.train.fingerprint,
+                    )
                 except BaseException as exc:
                     error = exc
             group.agree(error)
@@ -576,6 +584,7 @@ def save(s: Session, progress: TrainingProgress, eval_metrics: dict[str, Any]) -
         progress.save(folder / "progress.json")
         write_json(folder / "labels.json", s.data.labels)
         (folder / "tokenizer.sha256").write_text(s.data.tokenizer_sha)
+        (folder / "data.fingerprint").write_text(s.data.train.fingerprint)  # the plan's index
         (folder / "config.yaml").write_text(dump_yaml(s.cfg), encoding="utf-8")
     best = checkpoint_name(progress.best_step) if progress.best_step is not None else None
     s.run.commit(progress.global_step, folder, eval_metrics, {"best": best, "world": dist.world()})
@@ -770,6 +779,7 @@ def check_resume(
     labels: list[str],
     tokenizer_sha: str,
     world: int,
+    data_fingerprint: str | None = None,
 ) -> None:
     """Refuse (ConfigError) to resume checkpoint `info` of a run whose labels, tokenizer, training
     config or worker count differ from this one's. `read(info, name)` gives a file of the checkpoint.
@@ -787,6 +797,13 @@ def check_resume(
             f"cannot resume run {name!r}: it was trained with {stored_world} worker(s) and this run has {world} "
             f"(scaling.num_workers); the data order and ZeRO partitions depend on the count: set "
             f"scaling.num_workers={stored_world}, or run.new_run=true to start over"
+        )
+    stored_data = (read(info, "data.fingerprint") or b"").decode().strip() or None
+    if stored_data is not None and data_fingerprint is not None and stored_data != data_fingerprint:
+        raise ConfigError(
+            f"cannot resume run {name!r}: its training data differ from the stored run's (prepared data "
+            f"{stored_data} -> {data_fingerprint}: the inputs' content or the preparation settings changed, "
+            f"and the data plan depends on them); set run.new_run=true to start over"
         )
     stored_tok = (read(info, "tokenizer.sha256") or b"").decode().strip() or None
     if stored_tok is not None and stored_tok != tokenizer_sha:
