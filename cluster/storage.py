@@ -17,6 +17,7 @@ or ``repr`` made here; ``redact`` removes them from any other text.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import os
@@ -913,6 +914,23 @@ class S3Storage:
         """Every key below folder ``prefix`` (recursive), relative to the root, sorted."""
         return sorted(self.list_sizes(prefix))
 
+    def list_objects(self, raw_prefix: str) -> builtins.list[tuple[str, int, str]]:
+        """(bucket key, size, ETag) of every object whose key starts with ``raw_prefix`` (a plain
+        string prefix of the bucket's keys, not a folder of this storage's root), sorted by key."""
+        found: builtins.list[tuple[str, int, str]] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=raw_prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    found.append(
+                        (item["Key"], int(item.get("Size", 0)), str(item.get("ETag", "")).strip('"'))
+                    )
+        except Exception as exc:
+            raise self._fail("list", raw_prefix, exc) from exc
+        return sorted(found)
+
     # -- conditional writes
 
     def get_versioned(self, key: str) -> Versioned | None:
@@ -1111,3 +1129,84 @@ def open_storage(
     if len(parsed.scheme) > 1:  # one letter: a Windows drive
         raise StorageError(f"unsupported storage URI {uri!r}: use a local folder or s3://bucket/prefix")
     return LocalStorage(text)
+
+
+# --------------------------------------------------------------------------- input files
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file (a local file or an S3 object) matched by a data path."""
+
+    uri: str  # absolute path, or s3://bucket/key
+    size: int
+    tag: str  # content identity: sha256 of a local file, the ETag of an object
+
+
+_GLOB_CHARS = "*?["
+
+
+def list_inputs(
+    pattern: str, *, endpoint_url: str | None = None, region: str | None = None
+) -> list[InputFile]:
+    """The files a data path names, sorted by name: a file, a folder (its files, not hidden ones),
+    a glob (``**`` for any depth), an ``s3://bucket/prefix/`` (every object below it) or an
+    ``s3://bucket/prefix/*.txt`` glob. Buckets use the endpoint and credential rules of
+    ``open_storage``. Raises StorageError naming the pattern when nothing matches.
+    """
+    import fnmatch
+    import glob as globlib
+
+    text = pattern.strip()
+    if is_remote(text):
+        bucket, key = split_s3_uri(text)
+        store = S3Storage(bucket, "", endpoint_url=endpoint_url, region=region)
+        cut = min((key.find(c) for c in _GLOB_CHARS if c in key), default=-1)
+        if cut >= 0:
+            listed = store.list_objects(key[:cut])
+            found = [o for o in listed if fnmatch.fnmatchcase(o[0], key)]
+        else:
+            listed = store.list_objects(key)
+            exact = [o for o in listed if o[0] == key]
+            folder = f"{key}/" if key else ""
+            found = exact or [o for o in listed if o[0].startswith(folder)]
+        found = [o for o in found if not o[0].endswith("/") and not o[0].rsplit("/", 1)[-1].startswith(".")]
+        if not found:
+            raise StorageError(f"no input object matches {text} (endpoint {store.endpoint_url})")
+        return [InputFile(f"s3://{bucket}/{k}", size, etag) for k, size, etag in found]
+    path = Path(text).expanduser()
+    if any(c in text for c in _GLOB_CHARS):
+        files = [Path(f) for f in globlib.glob(str(path), recursive=True)]
+    elif path.is_dir():
+        files = [f for f in path.iterdir()]
+    else:
+        files = [path] if path.exists() else []
+    files = sorted(f.resolve() for f in files if f.is_file() and not f.name.startswith("."))
+    if not files:
+        raise StorageError(f"{text}: file not found (no input file matches)")
+    return [InputFile(str(f), f.stat().st_size, file_sha256(f)) for f in files]
+
+
+def read_input(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> bytes:
+    """The bytes of one input file (a local path or ``s3://bucket/key``); raise StorageError."""
+    if is_remote(uri):
+        bucket, key = split_s3_uri(uri)
+        data = S3Storage(bucket, "", endpoint_url=endpoint_url, region=region).get_bytes(key)
+        if data is None:
+            raise StorageError(f"{uri}: no such object")
+        return data
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: file not found") from None
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot read file ({exc.strerror or exc})") from exc
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

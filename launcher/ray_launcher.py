@@ -7,10 +7,11 @@ dashboard shows progress) with the checkpoint's location as a metric, never a Ra
 `Checkpoint`: one checkpoint mechanism, not two. A restarted worker group simply runs the loop
 again, which resumes from raytag's newest complete checkpoint.
 
-Data sharding is planned inside the loop (trainer/batching.py), not with Ray Data: every rank
-derives the same global batch plan from (seed, epoch) and takes its own micro-batches, so the
-shards are disjoint, cover every sentence, give every rank the same number of steps, and the
-loss can be normalised by the global labelled-token count without an extra collective.
+Training data is prepared once, in the driver's pre-flight (trainer/shards.py: large inputs as
+Ray tasks spread over the cluster), into Parquet shards in storage. Sharding is planned inside
+the loop, not with Ray Data: every rank derives the same plan from (seed, epoch) and the shard
+index, reads only its own shards, runs the same number of steps, and normalises its loss by the
+global labelled-token count without an extra collective.
 """
 
 from __future__ import annotations
@@ -40,9 +41,22 @@ def absolutize(cfg: Config) -> Config:
             return p
         return str(Path(p).expanduser().resolve())
 
+    train: Any = cfg.data.train
+    if isinstance(train, str):
+        train = fix(train)
+    elif isinstance(train, list):
+        train = [fix(p) or p for p in train]
+    elif isinstance(train, dict):
+        train = {
+            k: dataclasses.replace(
+                c, path=fix(c.path) if isinstance(c.path, str) else [fix(p) or p for p in (c.path or [])]
+            )
+            for k, c in train.items()
+        }
     data = dataclasses.replace(
         cfg.data,
-        train=fix(cfg.data.train),
+        train=train,
+        prepared=fix(cfg.data.prepared),
         validation=fix(cfg.data.validation),
         test=fix(cfg.data.test),
         eval_sets={k: fix(v) or v for k, v in cfg.data.eval_sets.items()},
@@ -94,25 +108,31 @@ def _preflight(cfg: Config) -> Config:
     from raytag.cluster.run import wipe_run
     from raytag.cluster.runlock import RunLock
     from raytag.cluster.storage import join_key, open_storage
-    from raytag.trainer.data import make_labels
-    from raytag.trainer.loop import check_resume, read_splits, tokenizer_fingerprint
+    from raytag.trainer.loop import check_resume, read_splits, tokenizer_fingerprint, train_spec
     from raytag.trainer.model import load_tokenizer
+    from raytag.trainer.shards import prepare
 
     storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
     storage.preflight(create_bucket=cfg.run.create_bucket)
-    splits = read_splits(cfg)  # bad files, lines and tags surface here, not as N worker crashes
-    if "train" not in splits:
+    if not cfg.data.train and not cfg.data.hf_dataset:
         raise ConfigError("data.train: no training file given")
-    labels = make_labels(splits["train"], cfg.data.labels)
+    read_splits(cfg)  # bad evaluation files surface here, not as N worker crashes
+    # Prepare the training shards once, here: the files spread over the cluster as Ray tasks (large
+    # inputs), bad lines and tags surface as one error; the workers then find the shards.
+    tokenizer_sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
+    _connect()
+    prepared = prepare(train_spec(cfg), tokenizer_sha, parallel="ray")
+    labels = prepared.labels
     if not cfg.run.new_run and cfg.run.resume:  # a finished run too: it may be asked to train longer
         info = CheckpointStore(storage, cfg.run.name, log=log.info).latest()
         if info is not None:
-            tokenizer_sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
 
             def read(i, rel: str) -> bytes | None:
                 return storage.get_bytes(join_key(cfg.run.name, "checkpoints", i.name, rel))
 
-            check_resume(cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers)
+            check_resume(
+                cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers, prepared.fingerprint
+            )
     lock = RunLock(storage, cfg.run.name, cfg.run.owner or "", log=log.info, gone=_ray_job_gone)
     if not cfg.run.new_run:
         lock.check()
@@ -380,7 +400,6 @@ def launch(cfg: Config) -> dict[str, Any] | None:
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, owner=cfg.run.owner or new_owner()))
     sc = cfg.scaling
     cfg = _preflight(cfg)
-    _connect()
     _check_storage_fits_cluster(cfg)
     resources: dict[str, float] = {"CPU": sc.cpus_per_worker if sc.cpus_per_worker is not None else 1}
     if sc.use_gpu:

@@ -65,3 +65,40 @@ def test_ray_job_submit_two_workers(ray_head, tmp_path):
     # Data-parallel equivalence: 1 worker with 2 accumulation steps sees the same global batches.
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert_matches_one_worker(lines, results, COMMON, tmp_path / "single")
+
+
+def test_prepare_spreads_files_over_ray_tasks(ray_head, tmp_path):
+    """`trainer/main.py prepare --executor ray` against the cluster: each file's validation and
+    tokenisation run as Ray tasks; a bad line in one of the files is one error naming file and line."""
+    import subprocess
+    import sys
+
+    _, env = ray_head  # RAY_ADDRESS: the head's GCS
+    text = (ROOT / "trainer/assets/demo/train.txt").read_text(encoding="utf-8")
+    blocks = [b for b in text.split("\n\n") if b.strip() and not b.startswith("-DOCSTART-")][:120]
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"part-{i}.conll").write_text(
+            "\n\n".join(blocks[i * 40 : (i + 1) * 40]) + "\n", encoding="utf-8"
+        )
+    cmd = [sys.executable, str(ROOT / "trainer" / "main.py"), "prepare", "--executor", "ray"]
+    keys = [f"data.train={data}", f"run.storage={tmp_path / 'runs'}"]
+    r = subprocess.run([*cmd, *keys], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    where = Path(r.stdout.strip().splitlines()[-1])
+    manifest = json.loads((where / "MANIFEST.json").read_text())
+    assert manifest["executor"] == "ray" and manifest["sentences"] == 120
+    assert [Path(f["uri"]).name for f in manifest["corpora"]["train"]["files"]] == [
+        "part-0.conll",
+        "part-1.conll",
+        "part-2.conll",
+    ]
+    bad = data / "part-1.conll"
+    lines = bad.read_text().splitlines()
+    lines[2] = lines[2].split(" ")[0]  # one column: no tag
+    bad.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([*cmd, *keys], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("raytag: error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-4000:]
+    assert f"{bad}:3: expected at least 2 columns" in errors[0], errors[0]

@@ -4,6 +4,8 @@ submitted with `ray job submit` as users do.
 
 - A local-folder `run.storage` is refused before step 1 although the second node joined after
   the job started (the driver saw one node; the placed workers see two).
+- Training data from an s3:// prefix of several CoNLL files: each rank reads only its shards, and the
+  run equals one worker trained on one local file with the same sentences.
 - ZeRO-2 and ZeRO-3 with 2 workers (one per node): outputs in the bucket, both ranks' shards
   in the manifest, evaluation completing on an evaluation set whose batches split unequally
   between the ranks, test scores from the checkpoint the manifest names as best, per-step
@@ -162,11 +164,71 @@ def _first_sentences(path: Path, n: int) -> list[str]:
 def _eval_batches(n: int) -> int:
     """How many evaluation batches the demo's validation set makes (its first n sentences)."""
     from raytag.trainer.batching import plan_batches
-    from raytag.trainer.loop import load_data
+    from raytag.trainer.features import encode
+    from raytag.trainer.loop import read_splits
+    from raytag.trainer.model import load_tokenizer
 
-    cfg = load_config(
-        ROOT / "configs" / "demo.yaml", [f"data.max_eval_samples={n}", "data.max_train_samples=10"]
-    )
-    enc = load_data(cfg).encoded["validation"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.max_eval_samples={n}"])
+    val = read_splits(cfg)["validation"]
+    tok = load_tokenizer(cfg.model.name_or_path)
+    enc = encode(val.words, None, tok, None, cfg.model.max_length, cfg.model.stride)
     lengths = [len(w) for w in enc.windows]
     return len(plan_batches(lengths, cfg.train.eval_batch_tokens, 1024, seed=0, epoch=0, shuffle=False))
+
+
+def test_training_from_an_s3_prefix_of_shard_files(cluster, aws_env, tmp_path):
+    """Acceptance of sharded data: several CoNLL files under an s3:// prefix, 2 workers on 2 nodes.
+    Each rank reads only its own shards (the read log: disjoint, together complete), and the run
+    equals one in-process worker (2 accumulation steps: the same global batches) trained on one
+    local file holding the files' concatenation: the same per-step losses and dev F1."""
+    two_nodes(cluster)
+    bucket = aws_env.make_bucket()
+    blocks = _first_sentences(ROOT / "trainer/assets/demo/train.txt", 200)
+    parts = [blocks[:45], blocks[45:50], blocks[50:130], blocks[130:]]
+    client = aws_env.client()
+    for i, part in enumerate(parts):
+        body = "".join(b + "\n\n" for b in part).encode()
+        client.put_object(Bucket=bucket, Key=f"corpora/en/part-{i:02d}.conll", Body=body)
+    common = [
+        "data.max_eval_samples=60",
+        "train.batch_tokens=512",
+        "train.epochs=3",
+        "train.log_every=1",
+        "model.dropout=0.0",
+    ]
+    job_id = submit(
+        cluster,
+        f"data.train=s3://{bucket}/corpora/en/",
+        f"run.storage=s3://{bucket}/runs",
+        "run.name=sharded",
+        *common,
+    )
+    status, logs = wait(cluster, job_id)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "prepared 200 sentences -> 7 shards" in logs, logs[-6000:]
+
+    def get(rel: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=f"runs/sharded/{rel}")["Body"].read()
+
+    results = json.loads(get("results.json"))
+    assert results["train_data"]["shards"] == 7
+    reads = results["train_data"]["reads"]  # rank -> [[epoch, shard], ...]: what each rank loaded
+    for epoch in range(3):
+        mine = [{s for e, s in reads[r] if e == epoch} for r in ("0", "1")]
+        assert mine[0] and mine[1], reads
+        assert not mine[0] & mine[1], reads  # disjoint
+        assert sorted(mine[0] | mine[1]) == list(range(7)), reads  # together complete
+        assert sum(len([1 for e, _ in reads[r] if e == epoch]) for r in ("0", "1")) == 7  # each read once
+
+    # One local file with the same sentences, one worker with 2 accumulation steps: the same plan.
+    local = tmp_path / "all.conll"
+    local.write_text("".join(b + "\n\n" for b in blocks), encoding="utf-8")
+    assert_matches_one_worker(
+        get("metrics.jsonl").decode().splitlines(),
+        results,
+        [f"data.train={local}", *common],
+        tmp_path / "single",
+    )
+    single = json.loads((tmp_path / "single" / "single" / "results.json").read_text())
+    assert results["validation"]["f1"] > 0.1  # it learnt something: the equality below means something
+    assert single["validation"]["f1"] == pytest.approx(results["validation"]["f1"], abs=1e-9)

@@ -22,23 +22,24 @@ POOL_BATCHES = 64  # sort-by-length pools of about this many batches
 
 
 def plan_batches(
-    lengths: Sequence[int],
+    lengths: Sequence[int] | np.ndarray,
     batch_tokens: int,
     max_sentences: int,
     seed: int,
     epoch: int,
     shuffle: bool = True,
+    stream: int | None = None,
 ) -> list[list[int]]:
     """Group item indices into batches with sentences x longest <= batch_tokens.
 
-    An item longer than the budget gets a batch of its own. Deterministic in (seed, epoch).
-    Every index appears in exactly one batch.
+    An item longer than the budget gets a batch of its own. Deterministic in (seed, epoch) and
+    `stream` (one random stream per shard of an epoch). Every index appears in exactly one batch.
     """
     lens = np.asarray(lengths, dtype=np.int64)
     n = len(lens)
     if n == 0:
         return []
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([seed, epoch] if stream is None else [seed, epoch, stream])
     order = rng.permutation(n) if shuffle else np.arange(n)
     mean_len = max(1.0, float(lens.mean()))
     pool = max(1, int(POOL_BATCHES * batch_tokens / mean_len))
@@ -134,7 +135,7 @@ class BatchBudget:
 
 
 def count_steps(
-    lengths: Sequence[int], batch_tokens: int, max_sentences: int, micro_batches_per_step: int
+    lengths: Sequence[int] | np.ndarray, batch_tokens: int, max_sentences: int, micro_batches_per_step: int
 ) -> int:
     """Optimizer steps one epoch takes at this budget (the plan of seed 0, epoch 0)."""
     batches = plan_batches(lengths, batch_tokens, max_sentences, seed=0, epoch=0)
@@ -142,7 +143,7 @@ def count_steps(
 
 
 def auto_batch_tokens(
-    lengths: Sequence[int],
+    lengths: Sequence[int] | np.ndarray,
     micro_batches_per_step: int,
     epochs: float,
     max_sentences: int,
@@ -150,6 +151,7 @@ def auto_batch_tokens(
     min_steps: int = AUTO_MIN_STEPS,
     min_sentences: int = AUTO_MIN_SENTENCES,
     max_tokens: int = AUTO_MAX_TOKENS,
+    steps_at: Callable[[int], int] | None = None,
 ) -> BatchBudget:
     """The largest token budget <= max_tokens that gives the run at least `min_steps` optimizer steps.
 
@@ -161,8 +163,11 @@ def auto_batch_tokens(
     n = len(lengths)
     m = max(1, micro_batches_per_step)
 
+    def count(tokens: int) -> int:
+        return steps_at(tokens) if steps_at is not None else count_steps(lengths, tokens, max_sentences, m)
+
     def budget(tokens: int, reason: str) -> BatchBudget:
-        per_epoch = count_steps(lengths, tokens, max_sentences, m) if n else 0
+        per_epoch = count(tokens) if n else 0
         return BatchBudget(
             batch_tokens=tokens,
             steps_per_epoch=per_epoch,
@@ -175,14 +180,14 @@ def auto_batch_tokens(
         return budget(max_tokens, "no training data")
     steps_wanted = math.ceil(min_steps / epochs)  # per epoch
     want = min(steps_wanted, max(1, n // min_sentences))
-    if count_steps(lengths, max_tokens, max_sentences, m) >= want:
+    if count(max_tokens) >= want:
         return budget(max_tokens, f"the largest budget: at least {min_steps} steps in all")
     lo, hi = AUTO_MIN_TOKENS, max_tokens  # invariant: steps(lo) >= want > steps(hi)
-    if count_steps(lengths, lo, max_sentences, m) < want:
+    if count(lo) < want:
         return budget(lo, f"{n} windows, {m} micro-batches per step: the smallest budget")
     while hi - lo > 1:  # steps fall as the budget grows: the largest budget that still gives `want`
         mid = (lo + hi) // 2
-        if count_steps(lengths, mid, max_sentences, m) >= want:
+        if count(mid) >= want:
             lo = mid
         else:
             hi = mid
@@ -193,11 +198,12 @@ def auto_batch_tokens(
 
 def resolve_batch_tokens(
     setting: int | str,
-    lengths: Sequence[int],
+    lengths: Sequence[int] | np.ndarray,
     micro_batches_per_step: int,
     epochs: float,
     max_sentences: int,
     log: Callable[[str], object] | None = None,
+    steps_at: Callable[[int], int] | None = None,
 ) -> int:
     """`train.batch_tokens` as a number: an explicit integer as given, `auto` chosen from the data.
 
@@ -207,7 +213,7 @@ def resolve_batch_tokens(
         return int(setting)
     if setting != "auto":
         raise ValueError(f"train.batch_tokens: expected an integer or 'auto', got {setting!r}")
-    choice = auto_batch_tokens(lengths, micro_batches_per_step, epochs, max_sentences)
+    choice = auto_batch_tokens(lengths, micro_batches_per_step, epochs, max_sentences, steps_at=steps_at)
     if log is not None:
         log(choice.describe())
     return choice.batch_tokens

@@ -105,6 +105,18 @@ def render_card(
         )
     if not history:
         lines.append("| - | - | - | - | - | - | - | - |")
+    lines += ["", "### Results per evaluation set", ""]
+    lines += [
+        "| evaluation set | sentences | precision | recall | F1 | accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split, res in results.items():
+        lines.append(
+            f"| {split} | {res.get('sentences', '-')} | {_pct(res.get('precision'))} | {_pct(res.get('recall'))} | "
+            f"{_pct(res.get('f1'))} | {_pct(res.get('accuracy'))} |"
+        )
+    if not results:
+        lines.append("| - | - | - | - | - | - |")
     lines += ["", "### Per-type results", ""]
     for split, res in results.items():
         per = res.get("per_type") or {}

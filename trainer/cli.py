@@ -20,6 +20,7 @@ log = logging.getLogger("raytag")
 DEMO_CONFIG = "builtin:demo.yaml"
 
 USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
+       python trainer/main.py prepare [--config FILE] [--rebuild] [--executor E] [dotted.key=value ...]
        python trainer/main.py predict --model DIR --input FILE [--format conll|text] [--output FILE]"""
 
 
@@ -29,6 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raytag.launcher.ray_launcher import LaunchError
 
     from .conll import ConllError
+    from .shards import ShardError
 
     return (
         ConfigError,
@@ -36,6 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StorageError,
         CheckpointUploadError,
         LaunchError,
+        ShardError,
         OSError,  # files and model folders that cannot be read (FileNotFoundError included)
     )
 
@@ -128,6 +131,25 @@ def run(cfg: Config) -> dict | None:
     return launch(cfg)  # the driver forwards SIGTERM (`ray job stop`) to its workers
 
 
+def prepare_only(cfg: Config, rebuild: bool = False, executor: str = "auto") -> str:
+    """`prepare`: make (or find) the training shards of `cfg` and return where they are. Under
+    `ray job submit` (or RAY_ADDRESS) large inputs are spread over the cluster as Ray tasks;
+    `executor` forces one way (inline, processes, ray)."""
+    from .loop import tokenizer_fingerprint, train_spec
+    from .model import load_tokenizer
+    from .shards import prepare
+
+    parallel = "processes"
+    if _ray_cluster_reachable() or executor == "ray":
+        from raytag.launcher.ray_launcher import _connect
+
+        _connect()
+        parallel = "ray"
+    sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
+    found = prepare(train_spec(cfg), sha, executor=executor, parallel=parallel, rebuild=rebuild)
+    return found.uri
+
+
 def _ray_cluster_reachable() -> bool:
     """Inside `ray job submit` (or with RAY_ADDRESS set) the run goes through Ray Train."""
     return bool(os.environ.get("RAY_ADDRESS")) or bool(os.environ.get("RAY_JOB_ID"))
@@ -154,6 +176,20 @@ def main(argv: list[str] | None = None) -> int:
                     scores["precision"],
                     scores["recall"],
                 )
+            return 0
+        if argv and argv[0] == "prepare":
+            parser = build_parser()
+            parser.prog = "trainer/main.py prepare"
+            parser.add_argument("--rebuild", action="store_true", help="prepare again even if found")
+            parser.add_argument(
+                "--executor",
+                choices=["auto", "inline", "processes", "ray"],
+                default="auto",
+                help="auto: in-process for small inputs, else Ray tasks on a cluster or a process pool",
+            )
+            args = parser.parse_args(argv[1:])
+            cfg = load_config(resolve_config_path(args.config), args.overrides)
+            print(prepare_only(cfg, rebuild=args.rebuild, executor=args.executor))
             return 0
         args = build_parser().parse_args(argv)
         cfg = load_config(resolve_config_path(args.config), args.overrides)

@@ -25,13 +25,30 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class CorpusConfig:
+    """One named training corpus of a mixture (`data.train.NAME`)."""
+
+    path: str | list[str] | None = None
+    """Its CoNLL files: a path, a folder, a glob, an s3:// prefix or glob, or a list of these."""
+    weight: float = 1.0
+    """Share drawn each epoch: 0.5 = half of its shards (a fresh draw every epoch), 2 = each shard twice."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train: str | None = None
-    """CoNLL file to train on (local path; `builtin:demo/train.txt` names a shipped sample)."""
+    train: str | list[str] | dict[str, CorpusConfig] | None = None
+    """CoNLL training data: a file, a folder, a glob (`data/*.conll`), an `s3://bucket/prefix/` or
+    `s3://bucket/prefix/*.txt`, a list of these, or named corpora with weights
+    (`{en: {path: ..., weight: 1.0}, es: {path: ..., weight: 0.5}}`). `builtin:demo/train.txt`
+    names a shipped sample. Prepared once into shards (see `data.prepared`)."""
     validation: str | None = None
+    """CoNLL file (local path or s3:// object) evaluated after each epoch."""
     test: str | None = None
     eval_sets: dict[str, str] = field(default_factory=dict)
-    """Extra named evaluation sets: name -> CoNLL file, evaluated with validation."""
+    """Extra named evaluation sets: name -> CoNLL file (local or s3://), evaluated with validation."""
+    prepared: str | None = None
+    """Where prepared training shards live (a folder or s3://bucket/prefix), shared by runs;
+    default: <run.storage>/prepared-data. Each preparation sits in a folder named by its fingerprint."""
     max_train_samples: int | None = None
     """Use the first N training sentences."""
     max_eval_samples: int | None = None
@@ -256,6 +273,9 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _check(value, arg, key, source)
             except ConfigError as e:
                 errors.append(e)
+                # A mapping or list of the right shape but a bad member: that member's error says most.
+                if typing.get_origin(arg) in (dict, list) and isinstance(value, typing.get_origin(arg)):
+                    raise
         if len(errors) == 1:
             raise errors[0]
         expected = " or ".join(_describe_type(a) for a in args if a is not type(None))
@@ -275,6 +295,8 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
         return {str(k): _check(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):
+        return _build(typing.cast(type, tp), value, f"{key}.", source)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -307,6 +329,10 @@ def _describe_type(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if typing.get_origin(tp) is list:
+        return "a list"
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
     return names.get(tp, str(tp))
 
 
@@ -335,7 +361,14 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
                 raise bad(k, f"must be >= 1, got {v}")
         if obj.save_every_minutes is not None and not obj.save_every_minutes > 0:
             raise bad("save_every_minutes", f"must be > 0, got {obj.save_every_minutes}")
+    elif isinstance(obj, CorpusConfig):
+        if not obj.path:
+            raise bad("path", "every corpus needs a path (a file, folder, glob or s3:// prefix)")
+        if obj.weight <= 0:
+            raise bad("weight", f"must be > 0, got {obj.weight}")
     elif isinstance(obj, DataConfig):
+        if isinstance(obj.train, list) and not obj.train:
+            raise bad("train", "the list of training paths is empty")
         for k in ("max_train_samples", "max_eval_samples"):
             v = getattr(obj, k)
             if v is not None and v < 1:

@@ -50,6 +50,7 @@ __all__ = [
     "Sentence",
     "entity_types",
     "label_list",
+    "parse_conll_bytes",
     "parse_conll_lines",
     "read_conll",
 ]
@@ -131,6 +132,29 @@ def read_conll(
         raise ConllError(name, None, "is a directory, not a file") from None
     except OSError as exc:
         raise ConllError(name, None, f"cannot read file ({exc.strerror or exc})") from exc
+    return parse_conll_bytes(
+        data,
+        name,
+        tag_scheme=tag_scheme,
+        strict=strict,
+        require_tags=require_tags,
+        max_sentences=max_sentences,
+        labels=labels,
+    )
+
+
+def parse_conll_bytes(
+    data: bytes,
+    name: str,
+    *,
+    tag_scheme: str = "auto",
+    strict: bool = False,
+    require_tags: bool = True,
+    max_sentences: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> ConllFile:
+    """Parse the raw bytes of a CoNLL file named ``name`` (a path or an ``s3://`` object), as
+    :func:`read_conll` does after reading them; the same errors, naming ``name`` and the line."""
     text = _decode_utf8(data, name)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")

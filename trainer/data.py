@@ -25,11 +25,9 @@ def resolve_path(path: str) -> str:
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from raytag.cluster.storage import file_sha256 as sha
+
+    return sha(path)
 
 
 @dataclass
@@ -58,19 +56,42 @@ def read_split(
     strict: bool,
     max_sentences: int | None,
     labels: list[str] | None,
+    endpoint_url: str | None = None,
+    region: str | None = None,
 ) -> Split:
-    """Read one CoNLL split; raises ConllError naming file and line."""
-    real = resolve_path(path)
-    cf: ConllFile = read_conll(
-        real, tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels
-    )
+    """Read one CoNLL split (a local file or an s3:// object, with run.storage's endpoint and
+    credential rules); raises ConllError naming file and line, StorageError for an unreadable object."""
+    if path.startswith("s3://"):
+        from raytag.cluster.storage import read_input
+
+        from .conll import parse_conll_bytes
+
+        data = read_input(path, endpoint_url=endpoint_url, region=region)
+        cf: ConllFile = parse_conll_bytes(
+            data, path, tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels
+        )
+        real, sha = path, hashlib.sha256(data).hexdigest()
+    else:
+        real = resolve_path(path)
+        cf = read_conll(
+            real, tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels
+        )
+        sha = file_sha256(real)
     if cf.repaired:
         log.warning(
             "%s: repaired %d stray I- tag(s) that started an entity to B- (conlleval's reading)",
             path,
             cf.repaired,
         )
-    return Split(name, real, cf.sentences, cf.scheme, cf.repaired, file_sha256(real))
+    return Split(name, real, cf.sentences, cf.scheme, cf.repaired, sha)
+
+
+def write_conll(split: Split, path: Path) -> None:
+    """Write a split as a CoNLL file (word and tag columns), e.g. a hub dataset's training split."""
+    with open(path, "w", encoding="utf-8") as f:
+        for s in split.sentences:
+            f.writelines(f"{w} {t}\n" for w, t in zip(s.words, s.tags, strict=True))
+            f.write("\n")
 
 
 def hub_splits(name: str, max_train: int | None, max_eval: int | None) -> dict[str, Split]:

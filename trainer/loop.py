@@ -32,16 +32,17 @@ import numpy as np
 import torch
 
 from . import dist
-from .batching import StepPlan, plan_batches, resolve_batch_tokens, shard_steps
+from .batching import StepPlan, resolve_batch_tokens
 from .card import render_card
 from .config import Config, ConfigError, dump_yaml, from_dict, to_dict
-from .data import Split, hub_splits, make_labels, read_split
+from .data import Split, hub_splits, read_split, write_conll
 from .engine import EngineSpec, build_engine, full_state_dict, resolve_precision
 from .evaluate import EvalResult, collate, finish, predict_windows
-from .features import IGNORE, Encoded, encode
+from .features import IGNORE, Encoded, Window, encode
 from .model import load_model, load_tokenizer
 from .outputs import MetricsLog, export_model, git_commit, versions, write_json, write_predictions
 from .progress import ProgressView, TrainingProgress, rng_state, seed_everything, set_rng_state
+from .shards import Prepared, ShardReader, open_prepared, plan_epoch, prepare, prepared_root, spec_from_config
 from .stopping import STOP, Clock, Preempted
 
 log = logging.getLogger("raytag")
@@ -53,15 +54,20 @@ NOTICE_POLL_S = 2.0  # how often rank 0's clock asks for outside notices (the dr
 
 @dataclass
 class Data:
-    """Everything read and tokenised once per worker."""
+    """The prepared training shards' index (each rank reads its own shards' windows on demand) and
+    the evaluation sets, read and tokenised on every worker."""
 
-    splits: dict[str, Split]
+    splits: dict[str, Split]  # evaluation sets only
     labels: list[str]
     tokenizer: Any
     tokenizer_sha: str
-    encoded: dict[str, Encoded]
-    lengths: list[int]  # train windows' token counts
-    labelled: list[int]  # train windows' labelled-token counts
+    encoded: dict[str, Encoded]  # evaluation sets only
+    train: Prepared
+    weights: dict[str, float]  # corpus -> sampling weight
+
+    @property
+    def lengths(self) -> np.ndarray:  # train windows' token counts
+        return self.train.lengths
 
     @property
     def eval_names(self) -> list[str]:
@@ -85,6 +91,7 @@ class Session:
     report: Report | None
     batch_tokens: int  # train.batch_tokens as resolved (`auto` -> a number)
     clock: Clock  # rank 0 decides when a time-based checkpoint is due
+    reader: ShardReader  # this rank's training shards
 
 
 def train_loop(
@@ -156,8 +163,22 @@ def train_loop(
             return finished
 
         # ---- data, model, engine
-        data = load_data(cfg)
+        data = load_data(cfg, group)
         world, accum = group.world, tc.gradient_accumulation_steps
+
+        def plan_at(tokens: int, epoch: int) -> tuple[StepPlan, list[int]]:
+            return plan_epoch(
+                data.train,
+                data.weights,
+                tokens,
+                tc.max_batch_sentences,
+                tc.seed,
+                epoch,
+                world,
+                group.rank,
+                accum,
+            )
+
         batch_tokens = resolve_batch_tokens(  # `auto`: from the data alone, the same on every rank
             tc.batch_tokens,
             data.lengths,
@@ -165,11 +186,17 @@ def train_loop(
             tc.epochs,
             tc.max_batch_sentences,
             log.info if group.rank == 0 else None,
+            steps_at=lambda tokens: len(plan_at(tokens, 0)[0].steps),
         )
 
         def epoch_plan(epoch: int) -> StepPlan:  # the same global plan on every rank: (seed, epoch) only
-            batches = plan_batches(data.lengths, batch_tokens, tc.max_batch_sentences, tc.seed, epoch)
-            return shard_steps(batches, data.labelled, world, group.rank, accum)
+            plan, shards = plan_at(batch_tokens, epoch)
+            log.info("rank %d, epoch %d: %d shard(s) of its own to read", group.rank, epoch, len(shards))
+            return plan
+
+        reader = ShardReader(
+            data.train, storage_of(cfg), group.rank, keep=accum + 1, retry_budget_s=rc.storage_retry_seconds
+        )
 
         steps_per_epoch = len(epoch_plan(0).steps)
         total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
@@ -204,7 +231,15 @@ def train_loop(
             error = None
             if group.rank == 0:
                 try:
-                    check_resume(cfg, info, run.stored_file, data.labels, data.tokenizer_sha, world)
+                    check_resume(
+                        cfg,
+                        info,
+                        run.stored_file,
+                        data.labels,
+                        data.tokenizer_sha,
+                        world,
+                        data.train.fingerprint,
+                    )
                 except BaseException as exc:
                     error = exc
             group.agree(error)
@@ -240,11 +275,12 @@ def train_loop(
             run.publish("config.yaml")
             run.publish("labels.json")
             log.info(
-                "run %s: %d train windows (%d sentences), %d steps (%d per epoch), %d labels, %s, ZeRO-%d, "
-                "%d worker(s), outputs in %s",
+                "run %s: %d train windows (%d sentences, %d shards), %d steps (%d per epoch), %d labels, %s, "
+                "ZeRO-%d, %d worker(s), outputs in %s",
                 rc.name,
                 len(data.lengths),
-                len(data.splits["train"].sentences),
+                data.train.manifest["sentences"],
+                data.train.num_shards,
                 total_steps,
                 steps_per_epoch,
                 len(data.labels),
@@ -258,7 +294,9 @@ def train_loop(
             total_steps, progress.global_step, enabled=group.rank == 0, log_every=tc.log_every
         )
         clock = Clock(tc.save_every_minutes, NOTICE_POLL_S if notices else None, leader=group.rank == 0)
-        s = Session(cfg, run, engine, spec, data, device, pad_id, metrics, view, report, batch_tokens, clock)
+        s = Session(
+            cfg, run, engine, spec, data, device, pad_id, metrics, view, report, batch_tokens, clock, reader
+        )
 
         # ---- the loop
         window = _Window()
@@ -267,11 +305,12 @@ def train_loop(
         stop = progress.global_step >= total_steps
         while not stop:
             plan = epoch_plan(epoch)
+            reader.start_epoch(epoch)
             for i in range(progress.step_in_epoch, len(plan.steps)):
                 _inject_fault(group.rank, progress.global_step + 1, "step")
                 t0 = time.monotonic()
                 mine = train_step(
-                    engine, data.encoded["train"], plan.steps[i], plan.labelled[i], world, pad_id, device
+                    engine, reader.windows, plan.steps[i], plan.labelled[i], world, pad_id, device
                 )
                 # one all-reduce per step: the figures, any rank's stop request, rank 0's timers
                 loss, tokens, windows, stops, due, poll = dist.all_sum(
@@ -335,44 +374,87 @@ def _device(use_gpu: bool, given: torch.device | None) -> torch.device:
     return device
 
 
-def load_data(cfg: Config) -> Data:
-    """Read, validate and tokenise every split; the label set from training data (or data.labels)."""
-    splits = read_splits(cfg)
-    train = splits.get("train")
-    if train is None:
-        raise ConfigError("data.train: no training file given")
-    labels = make_labels(train, cfg.data.labels)
-    label2id = {lab: i for i, lab in enumerate(labels)}
-    for name, sp in splits.items():  # evaluation files must only use known labels
-        if name != "train":
-            _check_labels(sp, label2id)
+def load_data(cfg: Config, group: Any = None) -> Data:
+    """The training shards (prepared once: rank 0 finds or makes them, the other ranks open what it
+    names) and every evaluation set, read, checked against the label set and tokenised."""
+    rank = group.rank if group is not None else 0
     tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer_sha = tokenizer_fingerprint(tokenizer)
+    spec = train_spec(cfg)
+    found: Prepared | None = None
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            found = prepare(spec, tokenizer_sha)
+        except BaseException as exc:
+            error = exc
+    if group is not None and group.world > 1:
+        group.agree(error)
+        fp = group.broadcast(found.fingerprint if found is not None else None)
+        if rank != 0:
+            found = open_prepared(spec.prepared, fp, spec.endpoint_url, spec.region)
+    elif error is not None:
+        raise error
+    assert found is not None
+    _log_stats("train", found.manifest["stats"])
+    labels = found.labels
+    label2id = {lab: i for i, lab in enumerate(labels)}
+    splits = read_splits(cfg)
+    for sp in splits.values():  # evaluation files must only use known labels
+        _check_labels(sp, label2id)
     mc = cfg.model
     encoded = {
         name: encode(sp.words, sp.tags, tokenizer, label2id, mc.max_length, mc.stride)
         for name, sp in splits.items()
     }
     for name, enc in encoded.items():
-        st = enc.stats
-        if st["split_sentences"] or st["cut_words"] or st["empty_words"]:
-            log.info(
-                "%s: %d sentence(s) longer than the window were split into overlapping windows; "
-                "%d over-long word(s) cut to the window; %d word(s) with no sub-words mapped to <unk>",
-                name,
-                st["split_sentences"],
-                st["cut_words"],
-                st["empty_words"],
-            )
-    windows = encoded["train"].windows
+        _log_stats(name, enc.stats)
     return Data(
         splits=splits,
         labels=labels,
         tokenizer=tokenizer,
-        tokenizer_sha=tokenizer_fingerprint(tokenizer),
+        tokenizer_sha=tokenizer_sha,
         encoded=encoded,
-        lengths=[len(w) for w in windows],
-        labelled=[int((w.labels != IGNORE).sum()) for w in windows],
+        train=found,
+        weights={c.name: c.weight for c in spec.corpora},
     )
+
+
+def train_spec(cfg: Config):
+    """What to prepare for training: data.train, or a hub dataset's training split written out once."""
+    dc = cfg.data
+    if dc.hf_dataset:
+        import tempfile
+
+        train = hub_splits(dc.hf_dataset, dc.max_train_samples, dc.max_eval_samples).get("train")
+        if train is None:
+            raise ConfigError(f"data.hf_dataset {dc.hf_dataset!r} has no train split")
+        path = Path(tempfile.gettempdir()) / "raytag-hub" / f"{dc.hf_dataset.replace('/', '_')}-train.conll"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_conll(train, path)
+        from dataclasses import replace
+
+        cfg = replace(cfg, data=replace(dc, train=str(path)))
+    return spec_from_config(cfg)
+
+
+def storage_of(cfg: Config):
+    """The storage that holds the prepared shards (data.prepared, default <run.storage>/prepared-data)."""
+    from raytag.cluster.storage import open_storage
+
+    return open_storage(prepared_root(cfg), endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
+
+
+def _log_stats(name: str, st: dict[str, int]) -> None:
+    if st.get("split_sentences") or st.get("cut_words") or st.get("empty_words"):
+        log.info(
+            "%s: %d sentence(s) longer than the window were split into overlapping windows; "
+            "%d over-long word(s) cut to the window; %d word(s) with no sub-words mapped to <unk>",
+            name,
+            st.get("split_sentences", 0),
+            st.get("cut_words", 0),
+            st.get("empty_words", 0),
+        )
 
 
 def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> EngineSpec:
@@ -411,7 +493,7 @@ def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> Engi
 
 def train_step(
     engine,
-    enc: Encoded,
+    windows_of: Callable[[list[int]], list[Window]],
     micro_batches: list[list[int]],
     step_labelled: int,
     world: int,
@@ -428,11 +510,12 @@ def train_step(
     loss_sum, tokens, windows = 0.0, 0, 0
     for micro in micro_batches:
         if micro:
-            batch = collate(enc.windows, micro, pad_id, device)
-            tokens += sum(len(enc.windows[j]) for j in micro)
+            ws = windows_of(micro)
+            batch = collate(ws, range(len(ws)), pad_id, device)
+            tokens += sum(len(w) for w in ws)
             windows += len(micro)
         else:  # this rank ran out of batches: a zero-weight dummy keeps collectives in step
-            batch = collate(enc.windows, [0], pad_id, device)
+            batch = collate([_DUMMY], [0], pad_id, device)
             batch["labels"].fill_(IGNORE)
         labels = batch.pop("labels")
         logits = engine(**batch).logits.float()
@@ -445,6 +528,16 @@ def train_step(
         engine.step()
         loss_sum += float(ce.detach())
     return loss_sum, tokens, windows
+
+
+# Two tokens with no label: the input of a rank's empty micro-batch (its loss is multiplied by 0).
+_DUMMY = Window(
+    0,
+    np.asarray([0, 2], np.int32),
+    np.full(2, IGNORE, np.int32),
+    np.zeros(0, np.int32),
+    np.zeros(0, np.int32),
+)
 
 
 class _Window:
@@ -554,6 +647,7 @@ def save(s: Session, progress: TrainingProgress, eval_metrics: dict[str, Any]) -
         progress.save(folder / "progress.json")
         write_json(folder / "labels.json", s.data.labels)
         (folder / "tokenizer.sha256").write_text(s.data.tokenizer_sha)
+        (folder / "data.fingerprint").write_text(s.data.train.fingerprint)  # the plan's index
         (folder / "config.yaml").write_text(dump_yaml(s.cfg), encoding="utf-8")
         if (s.run.workdir / "metrics.jsonl").is_file():  # what a resume from here continues
             shutil.copyfile(s.run.workdir / "metrics.jsonl", folder / "metrics.jsonl")
@@ -620,6 +714,7 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         preds[name] = evaluate(s, name)
         results[name] = preds[name].metrics
     sd = full_state_dict(s.engine)  # every rank: a collective under ZeRO-3
+    reads = dist.gather_objects(s.reader.opened)  # what each rank read (since this process started)
     if dist.rank() != 0:
         return None
 
@@ -637,7 +732,9 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         data.tokenizer,
         run.workdir / "model",
         _export_meta(data.labels, cfg.model, model_from),
-        _card(cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results),
+        _card(
+            cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results, train_provenance(data)
+        ),
     )
     run.publish("model")
     train_seconds = progress.train_seconds
@@ -654,19 +751,38 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         "model_checkpoint": model_from,
         "resumed_from": resumed_from,
         "labels": data.labels,
+        "train_data": {
+            **train_provenance(data),
+            # rank -> [[epoch, shard], ...]: the shards each rank loaded (this attempt; a resumed run's
+            # earlier reads are not repeated here)
+            "reads": {str(r): [list(x) for x in part] for r, part in enumerate(reads)},
+        },
         "provenance": {
             "raytag_version": versions().get("raytag"),
             "git_commit": git_commit(),
             "packages": versions(),
             "data": {
-                n: {
-                    "path": sp.path,
-                    "sha256": sp.sha256,
-                    "sentences": len(sp.sentences),
-                    "scheme": sp.scheme,
-                    "repaired_stray_I": sp.repaired,
-                }
-                for n, sp in data.splits.items()
+                "train": {  # the preparation's fingerprint: inputs' content, tokenizer, window, tag settings
+                    "path": [f["uri"] for c in data.train.manifest["corpora"].values() for f in c["files"]],
+                    "sha256": data.train.fingerprint,
+                    "sentences": data.train.manifest["sentences"],
+                    "scheme": sorted(
+                        {f["scheme"] for c in data.train.manifest["corpora"].values() for f in c["files"]}
+                    ),
+                    "repaired_stray_I": sum(
+                        f["repaired"] for c in data.train.manifest["corpora"].values() for f in c["files"]
+                    ),
+                },
+                **{
+                    n: {
+                        "path": sp.path,
+                        "sha256": sp.sha256,
+                        "sentences": len(sp.sentences),
+                        "scheme": sp.scheme,
+                        "repaired_stray_I": sp.repaired,
+                    }
+                    for n, sp in data.splits.items()
+                },
             },
             "config": to_dict(cfg),
         },
@@ -682,22 +798,15 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
 
 
 def read_splits(cfg: Config) -> dict[str, Split]:
+    """The evaluation sets: validation, the named sets, test (local files or s3:// objects)."""
     dc = cfg.data
     if dc.hf_dataset:
-        return hub_splits(dc.hf_dataset, dc.max_train_samples, dc.max_eval_samples)
+        hub = hub_splits(dc.hf_dataset, dc.max_train_samples, dc.max_eval_samples)
+        return {k: v for k, v in hub.items() if k != "train"}
     splits: dict[str, Split] = {}
-    if dc.train:
-        splits["train"] = read_split(
-            "train",
-            dc.train,
-            tag_scheme=dc.tag_scheme,
-            strict=dc.strict,
-            max_sentences=dc.max_train_samples,
-            labels=dc.labels,
-        )
     for name, path in [("validation", dc.validation), *dc.eval_sets.items(), ("test", dc.test)]:
         if path:
-            if name in splits:
+            if name in splits or name == "train":
                 raise ConfigError(f"data.eval_sets.{name}: the name is taken by a standard split")
             splits[name] = read_split(
                 name,
@@ -706,6 +815,8 @@ def read_splits(cfg: Config) -> dict[str, Split]:
                 strict=dc.strict,
                 max_sentences=dc.max_eval_samples,
                 labels=None,
+                endpoint_url=cfg.run.s3_endpoint_url,
+                region=cfg.run.s3_region,
             )
     return splits
 
@@ -752,6 +863,7 @@ def check_resume(
     labels: list[str],
     tokenizer_sha: str,
     world: int,
+    data_fingerprint: str | None = None,
 ) -> None:
     """Refuse (ConfigError) to resume checkpoint `info` of a run whose labels, tokenizer, training
     config or worker count differ from this one's. `read(info, name)` gives a file of the checkpoint.
@@ -769,6 +881,13 @@ def check_resume(
             f"cannot resume run {name!r}: it was trained with {stored_world} worker(s) and this run has {world} "
             f"(scaling.num_workers); the data order and ZeRO partitions depend on the count: set "
             f"scaling.num_workers={stored_world}, or run.new_run=true to start over"
+        )
+    stored_data = (read(info, "data.fingerprint") or b"").decode().strip() or None
+    if stored_data is not None and data_fingerprint is not None and stored_data != data_fingerprint:
+        raise ConfigError(
+            f"cannot resume run {name!r}: its training data differ from the stored run's (prepared data "
+            f"{stored_data} -> {data_fingerprint}: the inputs' content or the preparation settings changed, "
+            f"and the data plan depends on them); set run.new_run=true to start over"
         )
     stored_tok = (read(info, "tokenizer.sha256") or b"").decode().strip() or None
     if stored_tok is not None and stored_tok != tokenizer_sha:
@@ -854,6 +973,28 @@ def _grad_norm(engine) -> float | None:
     return None if g is None else float(g)
 
 
+def train_provenance(data: Data) -> dict[str, Any]:
+    """Where the training windows came from: the preparation, its corpora (files, weights, sentences)."""
+    m = data.train.manifest
+    return {
+        "prepared": data.train.uri,
+        "fingerprint": data.train.fingerprint,
+        "reused": data.train.reused,
+        "sentences": m["sentences"],
+        "windows": m["windows"],
+        "shards": len(m["shards"]),
+        "corpora": {
+            name: {
+                "weight": data.weights.get(name, 1.0),
+                "sentences": c["sentences"],
+                "shards": len(c["shards"]),
+                "files": [f["uri"] for f in c["files"]],
+            }
+            for name, c in m["corpora"].items()
+        },
+    }
+
+
 def _export_meta(labels: list[str], mc, checkpoint: str) -> dict[str, Any]:
     return {
         "labels": labels,
@@ -865,7 +1006,14 @@ def _export_meta(labels: list[str], mc, checkpoint: str) -> dict[str, Any]:
 
 
 def _card(
-    cfg: Config, spec: EngineSpec, batch_tokens: int, labels, splits, progress: TrainingProgress, results
+    cfg: Config,
+    spec: EngineSpec,
+    batch_tokens: int,
+    labels,
+    splits,
+    progress: TrainingProgress,
+    results,
+    train: dict[str, Any],
 ) -> str:
     tc = cfg.train
     hyper = {
@@ -886,7 +1034,18 @@ def _card(
         "max_length": cfg.model.max_length or "model default",
         "stride": cfg.model.stride,
     }
-    data = {n: {"path": s.path, "sha256": s.sha256, "sentences": len(s.sentences)} for n, s in splits.items()}
+    data = {
+        f"train ({name}, weight {c['weight']:g})" if len(train["corpora"]) > 1 else "train": {
+            "path": ", ".join(c["files"][:3])
+            + (f" (+{len(c['files']) - 3} more)" if len(c["files"]) > 3 else ""),
+            "sha256": train["fingerprint"],
+            "sentences": c["sentences"],
+        }
+        for name, c in train["corpora"].items()
+    }
+    data.update(
+        {n: {"path": s.path, "sha256": s.sha256, "sentences": len(s.sentences)} for n, s in splits.items()}
+    )
     return render_card(
         run_name=cfg.run.name,
         base_model=cfg.model.name_or_path,

@@ -13,8 +13,6 @@ import importlib.resources
 import logging
 from typing import Any
 
-import torch
-
 from .config import ConfigError
 
 log = logging.getLogger("raytag")
@@ -78,6 +76,7 @@ def load_tokenizer(name_or_path: str):
 
 def load_model(name_or_path: str, labels: list[str], tokenizer, seed: int, dropout: float | None = None):
     """AutoModelForTokenClassification with our label names (a fresh head when they differ)."""
+    import torch  # here, not at the top: data preparation's processes load tokenizers only
     from transformers import AutoConfig, AutoModelForTokenClassification, XLMRobertaConfig
 
     id2label = dict(enumerate(labels))

@@ -1,0 +1,743 @@
+"""Prepared training data: CoNLL inputs become validated, tokenised, windowed Parquet shards, once.
+
+prepare   each corpus's inputs (files, folders, globs, s3:// prefixes; sorted by name) -> a fingerprint
+          of their content, the tokenizer, the window and tag settings -> `<prepared>/<fingerprint>/`.
+          When its MANIFEST.json is there and every piece checks out (size; sha256 where the bytes are
+          local), it is reused and the log says so. Otherwise:
+            pass 1, per file (in parallel): read, validate (ConllError naming file and line), count
+                    sentences, collect tags
+            pass 2, per file (in parallel): read again, tokenise, window, and write the file's pieces of
+                    the corpus's fixed-size shards: shard k holds sentences [k*S, (k+1)*S) of the corpus
+                    in file order, so the same sentences in one file or in many give the same shards
+            index.parquet (shard, length, labelled of every window), then MANIFEST.json last.
+plan      (seed, epoch) -> whole shards drawn per corpus by weight -> shuffled -> dealt to the
+          workers x accumulation "lanes" by load -> each lane's token-budget batches, shard after
+          shard. Every rank computes the same plan from the index alone (lengths, not windows).
+read      a rank loads only the shards of its own lanes, one at a time per lane, sha256 checked
+          before a byte is parsed: memory follows the shard size, not the corpus size.
+
+Only storage calls (cluster/storage.py) touch files and buckets here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .batching import StepPlan, plan_batches
+from .config import ConfigError
+from .features import IGNORE, Window
+
+log = logging.getLogger("raytag")
+
+FORMAT = 1  # bump when the shard layout or the windowing changes: old preparations are then not reused
+SHARD_TARGET = 64  # shards per corpus wanted (for balance across workers), between:
+SHARD_MIN_SENTENCES = 32
+SHARD_MAX_SENTENCES = 2048
+INLINE_BYTES = 8 << 20  # inputs smaller than this are prepared in-process, larger ones in parallel
+MANIFEST = "MANIFEST.json"
+INDEX = "index.parquet"
+
+
+class ShardError(RuntimeError):
+    """A prepared shard is missing or does not match its checksum; one line naming it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# what to prepare
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    paths: tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """Everything preparation depends on, as plain values (built from the config by `spec_from_config`)."""
+
+    corpora: tuple[Corpus, ...]
+    tokenizer: str  # model.name_or_path
+    max_length: int | None
+    stride: int
+    tag_scheme: str
+    strict: bool
+    max_sentences: int | None  # per corpus: its first N sentences
+    labels: tuple[str, ...] | None  # data.labels, if configured
+    prepared: str  # storage URI of the prepared-data root
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+def corpora_of(train: Any) -> tuple[Corpus, ...]:
+    """`data.train` (a path, a list, or {name: CorpusConfig}) as corpora, sorted by name."""
+    from .data import resolve_path
+
+    def paths(p: Any) -> tuple[str, ...]:
+        items = [p] if isinstance(p, str) else list(p)
+        return tuple(x if x.startswith("s3://") else resolve_path(x) for x in items)
+
+    if train is None:
+        raise ConfigError("data.train: no training file given")
+    if isinstance(train, (str, list)):
+        return (Corpus("train", paths(train), 1.0),)
+    out = []
+    for name, c in sorted(train.items()):
+        path, weight = (c["path"], c.get("weight", 1.0)) if isinstance(c, dict) else (c.path, c.weight)
+        out.append(Corpus(name, paths(path), float(weight)))
+    return tuple(out)
+
+
+def prepared_root(cfg: Any) -> str:
+    """Where preparations live: data.prepared, else <run.storage>/prepared-data (shared by the runs there)."""
+    return cfg.data.prepared or (cfg.run.storage.rstrip("/") + "/prepared-data")
+
+
+def spec_from_config(cfg: Any) -> PrepareSpec:
+    dc, mc, rc = cfg.data, cfg.model, cfg.run
+    root = prepared_root(cfg)
+    return PrepareSpec(
+        corpora=corpora_of(dc.train),
+        tokenizer=mc.name_or_path,
+        max_length=mc.max_length,
+        stride=mc.stride,
+        tag_scheme=dc.tag_scheme,
+        strict=dc.strict,
+        max_sentences=dc.max_train_samples,
+        labels=tuple(dc.labels) if dc.labels else None,
+        prepared=root,
+        endpoint_url=rc.s3_endpoint_url,
+        region=rc.s3_region,
+    )
+
+
+@dataclass
+class Prepared:
+    """A preparation found or made: where it is, its manifest, and the window index."""
+
+    uri: str  # display form of <prepared>/<fingerprint>
+    fingerprint: str
+    manifest: dict[str, Any]
+    shard_of: np.ndarray  # per window: its shard
+    lengths: np.ndarray  # per window: tokens
+    labelled: np.ndarray  # per window: labelled tokens (owned words)
+    reused: bool = False
+    starts: np.ndarray = field(init=False)  # first window of each shard
+
+    def __post_init__(self) -> None:
+        counts = np.bincount(self.shard_of, minlength=len(self.manifest["shards"]))
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def shard_windows(self, shard: int) -> int:
+        return int(self.starts[shard + 1] - self.starts[shard])
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def _storage(spec_or_uri: PrepareSpec | str, endpoint_url: str | None = None, region: str | None = None):
+    from raytag.cluster.storage import open_storage
+
+    if isinstance(spec_or_uri, PrepareSpec):
+        return open_storage(
+            spec_or_uri.prepared, endpoint_url=spec_or_uri.endpoint_url, region=spec_or_uri.region
+        )
+    return open_storage(spec_or_uri, endpoint_url=endpoint_url, region=region)
+
+
+def fingerprint(spec: PrepareSpec, inputs: dict[str, list[Any]], tokenizer_sha: str) -> str:
+    """sha256 (first 24 hex digits) of the inputs' content (in order), tokenizer, window and tag settings."""
+    payload = {
+        "format": FORMAT,
+        "corpora": {name: [[f.size, f.tag] for f in files] for name, files in sorted(inputs.items())},
+        "tokenizer": tokenizer_sha,
+        "max_length": spec.max_length,
+        "stride": spec.stride,
+        "tag_scheme": spec.tag_scheme,
+        "strict": spec.strict,
+        "max_sentences": spec.max_sentences,
+        "labels": list(spec.labels) if spec.labels else None,
+        "shard_sentences": [SHARD_TARGET, SHARD_MIN_SENTENCES, SHARD_MAX_SENTENCES],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def shard_sentences(n: int) -> int:
+    """Sentences per shard for a corpus of n sentences: about SHARD_TARGET shards, within bounds."""
+    return int(min(SHARD_MAX_SENTENCES, max(SHARD_MIN_SENTENCES, math.ceil(n / SHARD_TARGET))))
+
+
+def prepare(
+    spec: PrepareSpec,
+    tokenizer_sha: str,
+    *,
+    executor: str = "auto",
+    parallel: str = "processes",
+    rebuild: bool = False,
+    say: Callable[[str], object] = log.info,
+) -> Prepared:
+    """Find the preparation of `spec`'s inputs, or make it. `executor`: "inline", "processes", "ray",
+    or "auto" (inline for small inputs, else `parallel`). Raises ConllError for bad input lines,
+    StorageError for unreachable inputs or storage."""
+    from raytag.cluster.storage import list_inputs
+
+    inputs = {
+        c.name: [
+            f for p in c.paths for f in list_inputs(p, endpoint_url=spec.endpoint_url, region=spec.region)
+        ]
+        for c in spec.corpora
+    }
+    fp = fingerprint(spec, inputs, tokenizer_sha)
+    store = _storage(spec)
+    if not rebuild:
+        found = find(store, fp, say)
+        if found is not None:
+            say(
+                f"prepared data found: {found.uri} ({found.num_shards} shards, {len(found.lengths)} windows, "
+                f"{found.manifest['sentences']} sentences): preparation skipped"
+            )
+            return found
+    started = time.monotonic()
+    say(f"preparing training data into {store.display(fp + '/')} (fingerprint {fp})")
+    store.delete_prefix(fp)  # a half-written or broken earlier attempt
+    total_bytes = sum(f.size for files in inputs.values() for f in files)
+    if executor == "auto":
+        executor = "inline" if total_bytes < INLINE_BYTES else parallel
+    opts = {
+        "tag_scheme": spec.tag_scheme,
+        "strict": spec.strict,
+        "labels": list(spec.labels) if spec.labels else None,
+        "endpoint_url": spec.endpoint_url,
+        "region": spec.region,
+    }
+    # pass 1: validate and count, every file
+    scan_calls = [(f.uri, spec.max_sentences, opts) for c in spec.corpora for f in inputs[c.name]]
+    scans = iter(run_tasks(_scan_file, scan_calls, executor))
+    tags: set[str] = set()
+    encode_calls = []
+    corpora_meta: dict[str, Any] = {}
+    shard_base = 0
+    for c in spec.corpora:
+        offset, files = 0, []
+        per_file = [next(scans) for _ in inputs[c.name]]
+        total = sum(s["sentences"] for s in per_file)
+        if spec.max_sentences is not None:
+            total = min(total, spec.max_sentences)
+        size = shard_sentences(total)
+        for f, s in zip(inputs[c.name], per_file, strict=True):
+            take = min(s["sentences"], total - offset)
+            if take <= 0:
+                break
+            tags.update(s["tags"])
+            encode_calls.append(
+                (
+                    f.uri,
+                    offset,
+                    take,
+                    size,
+                    shard_base,
+                    c.name,
+                    spec.prepared,
+                    fp,
+                    spec.tokenizer,
+                    spec.max_length,
+                    spec.stride,
+                    opts,
+                )
+            )
+            files.append({"uri": f.uri, "sentences": take, "scheme": s["scheme"], "repaired": s["repaired"]})
+            offset += take
+        shards = math.ceil(total / size)
+        corpora_meta[c.name] = {
+            "files": files,
+            "sentences": total,
+            "shard_sentences": size,
+            "shards": list(range(shard_base, shard_base + shards)),
+        }
+        shard_base += shards
+    labels = list(spec.labels) if spec.labels else _label_list(tags)
+    # pass 2: tokenise and window, every file; each writes its pieces of the shards
+    pieces: dict[int, list[dict[str, Any]]] = {}
+    stats = {"windows": 0, "split_sentences": 0, "cut_words": 0, "empty_words": 0}
+    for result in run_tasks(_encode_file, encode_calls, executor):
+        for piece in result:
+            pieces.setdefault(piece["shard"], []).append(piece)
+            for k in stats:
+                stats[k] += piece["stats"].get(k, 0)
+    shards_meta, shard_col, len_col, lab_col = [], [], [], []
+    for c in spec.corpora:
+        for k in corpora_meta[c.name]["shards"]:
+            parts = sorted(pieces[k], key=lambda p: p["first"])
+            shards_meta.append(
+                {
+                    "corpus": c.name,
+                    "windows": sum(p["rows"] for p in parts),
+                    "sentences": sum(p["sentences"] for p in parts),
+                    "pieces": [{x: p[x] for x in ("key", "sha256", "size", "rows")} for p in parts],
+                }
+            )
+            for p in parts:
+                shard_col += [k] * p["rows"]
+                len_col += p["lengths"]
+                lab_col += p["labelled"]
+    index_bytes = _parquet_bytes(
+        {
+            "shard": np.asarray(shard_col, np.int32),
+            "length": np.asarray(len_col, np.int32),
+            "labelled": np.asarray(lab_col, np.int32),
+        }
+    )
+    store.put_bytes(f"{fp}/{INDEX}", index_bytes)
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "labels": labels,
+        "sentences": sum(m["sentences"] for m in corpora_meta.values()),
+        "windows": len(len_col),
+        "corpora": corpora_meta,
+        "shards": shards_meta,
+        "index": {"key": INDEX, "sha256": _sha256(index_bytes), "size": len(index_bytes)},
+        "stats": stats,
+        "settings": {
+            "tokenizer": spec.tokenizer,
+            "tokenizer_sha256": tokenizer_sha,
+            "max_length": spec.max_length,
+            "stride": spec.stride,
+            "tag_scheme": spec.tag_scheme,
+            "strict": spec.strict,
+            "max_sentences": spec.max_sentences,
+        },
+        "prepare_seconds": round(time.monotonic() - started, 3),
+        "executor": executor,
+    }
+    store.put_bytes(f"{fp}/{MANIFEST}", json.dumps(manifest, indent=1).encode())  # last: marks it complete
+    say(
+        f"prepared {manifest['sentences']} sentences -> {len(shards_meta)} shards, {len(len_col)} windows in "
+        f"{manifest['prepare_seconds']:.1f} s ({executor}): {store.display(fp + '/')}"
+    )
+    return Prepared(
+        store.display(fp),
+        fp,
+        manifest,
+        np.asarray(shard_col, np.int64),
+        np.asarray(len_col, np.int64),
+        np.asarray(lab_col, np.int64),
+    )
+
+
+def find(store: Any, fp: str, say: Callable[[str], object] = log.info) -> Prepared | None:
+    """The complete preparation `fp` in `store`, or None (missing, or a piece fails its check: logged)."""
+    raw = store.get_bytes(f"{fp}/{MANIFEST}")
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+        files = [manifest["index"]] + [p for s in manifest["shards"] for p in s["pieces"]]
+    except (ValueError, KeyError, TypeError):
+        say(f"prepared data {store.display(fp)}: corrupt manifest; preparing again")
+        return None
+    sizes = store.list_sizes(fp)
+    for f in files:
+        key = f"{fp}/{f['key']}"
+        if sizes.get(key) != f["size"]:
+            say(f"prepared data: {store.display(key)} is missing or truncated; preparing again")
+            return None
+        local = store.local_path(key)
+        if local is not None and _file_sha256(local) != f["sha256"]:  # cheap where the bytes are local
+            say(f"prepared data: {store.display(key)} fails its sha256 check; preparing again")
+            return None
+    index = _read_parquet(_verified(store, f"{fp}/{INDEX}", manifest["index"]["sha256"]))
+    return Prepared(
+        store.display(fp),
+        fp,
+        manifest,
+        index["shard"].to_numpy().astype(np.int64),
+        index["length"].to_numpy().astype(np.int64),
+        index["labelled"].to_numpy().astype(np.int64),
+        reused=True,
+    )
+
+
+def open_prepared(uri: str, fp: str, endpoint_url: str | None = None, region: str | None = None) -> Prepared:
+    """The preparation `fp` under `uri` as rank 0 found or made it (other ranks); ShardError if gone."""
+    found = find(_storage(uri, endpoint_url, region), fp, log.warning)
+    if found is None:
+        raise ShardError(f"prepared data {uri}/{fp} is gone or broken; run `trainer/main.py prepare` again")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-file tasks (top-level functions: they run in other processes or as Ray tasks)
+
+
+def _read_file(uri: str, limit: int | None, opts: dict[str, Any]) -> Any:
+    """Read and validate one input file (a ConllFile); ConllError names the file and line."""
+    from raytag.cluster.storage import read_input
+
+    from .conll import parse_conll_bytes
+
+    data = read_input(uri, endpoint_url=opts["endpoint_url"], region=opts["region"])
+    return parse_conll_bytes(
+        data,
+        uri,
+        tag_scheme=opts["tag_scheme"],
+        strict=opts["strict"],
+        max_sentences=limit,
+        labels=opts["labels"],
+    )
+
+
+def _scan_file(uri: str, limit: int | None, opts: dict[str, Any]) -> dict[str, Any]:
+    cf = _read_file(uri, limit, opts)
+    tags = {t for s in cf.sentences for t in s.tags}
+    if cf.repaired:
+        log.warning(
+            "%s: repaired %d stray I- tag(s) that started an entity to B- (conlleval's reading)",
+            uri,
+            cf.repaired,
+        )
+    return {
+        "sentences": len(cf.sentences),
+        "tags": sorted(tags),
+        "scheme": cf.scheme,
+        "repaired": cf.repaired,
+    }
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(name: str) -> Any:
+    if name not in _TOKENIZERS:
+        from .model import load_tokenizer
+
+        _TOKENIZERS[name] = load_tokenizer(name)
+    return _TOKENIZERS[name]
+
+
+def _encode_file(
+    uri: str,
+    first: int,
+    take: int,
+    size: int,
+    shard_base: int,
+    corpus: str,
+    root: str,
+    fp: str,
+    tokenizer: str,
+    max_length: int | None,
+    stride: int,
+    opts: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Tokenise sentences [0, take) of file `uri` (sentences first.. of its corpus) and write its
+    pieces of the corpus's shards (shard = corpus sentence // size). Returns each piece's record."""
+    from .features import encode
+
+    sentences = _read_file(uri, take, opts).sentences[:take]
+    tok = _tokenizer(tokenizer)
+    store = _storage(root, opts["endpoint_url"], opts["region"])
+    out = []
+    i = 0
+    while i < len(sentences):
+        g = first + i
+        k = g // size
+        j = min(len(sentences), (k + 1) * size - first)
+        part = sentences[i:j]
+        enc = encode([s.words for s in part], None, tok, None, max_length, stride)
+        cols: dict[str, list[Any]] = {
+            "sentence": [],
+            "input_ids": [],
+            "positions": [],
+            "words": [],
+            "tags": [],
+        }
+        for w in enc.windows:
+            cols["sentence"].append(g + w.sentence)
+            cols["input_ids"].append(w.input_ids)
+            cols["positions"].append(w.positions)
+            cols["words"].append(w.words)
+            cols["tags"].append([part[w.sentence].tags[x] for x in w.words.tolist()])
+        body = _parquet_bytes(cols)
+        key = f"shards/{corpus}-{shard_base + k:06d}-{g:010d}.parquet"
+        store.put_bytes(f"{fp}/{key}", body)
+        out.append(
+            {
+                "shard": shard_base + k,
+                "first": g,
+                "key": key,
+                "sha256": _sha256(body),
+                "size": len(body),
+                "rows": len(enc.windows),
+                "sentences": len(part),
+                "lengths": [len(w) for w in enc.windows],
+                "labelled": [len(w.positions) for w in enc.windows],
+                "stats": enc.stats,
+            }
+        )
+        i = j
+    return out
+
+
+def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], executor: str) -> list[Any]:
+    """fn(*call) for every call, results in order: in-process, in a process pool, or as Ray tasks."""
+    if executor == "inline" or len(calls) <= 1:
+        return [fn(*c) for c in calls]
+    if executor == "ray":
+        import ray
+
+        remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+        refs = [remote.remote(*c) for c in calls]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:  # the task's own error (e.g. a ConllError), one line
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, BaseException) else e) from None
+    if executor == "processes":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = min(len(calls), os.cpu_count() or 1)
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            return list(pool.map(fn, *zip(*calls, strict=True)))
+    raise ValueError(f"unknown executor {executor!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+def plan_epoch(
+    prepared: Prepared,
+    weights: dict[str, float],
+    batch_tokens: int,
+    max_sentences: int,
+    seed: int,
+    epoch: int,
+    world: int,
+    rank: int,
+    accum: int,
+) -> tuple[StepPlan, list[int]]:
+    """This rank's steps of epoch `epoch` (micro-batches of global window ids) and the shards it reads.
+
+    Whole shards are drawn per corpus by weight (weight 2: every shard twice; 0.5: half of them,
+    a fresh draw each epoch), shuffled, and dealt to `world * accum` lanes, each to the lane with
+    the fewest windows so far; lane `a * world + r` is micro-batch `a` of rank `r`. A lane's
+    batches are its shards' token-budget batches, shard after shard. Ranks whose lanes run out
+    get empty micro-batches, so every rank runs the same number of steps. A pure function of its
+    arguments: every rank computes the same plan, and one worker with accumulation `world * accum`
+    gets exactly the global batches of `world` workers.
+    """
+    lanes = world * accum
+    rng = np.random.default_rng([seed, epoch, 1])
+    drawn: list[int] = []
+    for name, meta in sorted(prepared.manifest["corpora"].items()):
+        ids = np.asarray(meta["shards"], dtype=np.int64)
+        w = float(weights.get(name, 1.0))
+        whole, frac = int(w), w - int(w)
+        drawn += ids.tolist() * whole
+        k = min(len(ids), int(frac * len(ids) + rng.random()))  # rounded at random: right on average
+        if k:
+            drawn += sorted(rng.choice(ids, size=k, replace=False).tolist())
+    order = [drawn[i] for i in rng.permutation(len(drawn))]
+    load = np.zeros(lanes, dtype=np.int64)
+    lane_units: list[list[tuple[int, int]]] = [[] for _ in range(lanes)]
+    for pos, shard in enumerate(order):
+        lane = int(np.argmin(load))
+        lane_units[lane].append((pos, shard))
+        load[lane] += prepared.shard_windows(shard)
+    lane_batches: list[list[list[int]]] = []
+    for units in lane_units:
+        batches: list[list[int]] = []
+        for pos, shard in units:
+            a, b = int(prepared.starts[shard]), int(prepared.starts[shard + 1])
+            for batch in plan_batches(
+                prepared.lengths[a:b], batch_tokens, max_sentences, seed, epoch, stream=pos
+            ):
+                batches.append([a + i for i in batch])
+        lane_batches.append(batches)
+    num_steps = max((len(b) for b in lane_batches), default=0)
+    steps, labelled = [], []
+    lab = prepared.labelled
+    for s in range(num_steps):
+        labelled.append(int(sum(int(lab[b[s]].sum()) for b in lane_batches if s < len(b))))
+        steps.append(
+            [
+                lane_batches[a * world + rank][s] if s < len(lane_batches[a * world + rank]) else []
+                for a in range(accum)
+            ]
+        )
+    mine = [shard for a in range(accum) for _, shard in lane_units[a * world + rank]]
+    return StepPlan(steps=steps, labelled=labelled), mine
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a rank's shards
+
+
+class ShardReader:
+    """Windows by global id, loading a shard when first asked for and keeping the `keep` newest."""
+
+    def __init__(
+        self, prepared: Prepared, store: Any, rank: int, keep: int = 2, retry_budget_s: float | None = None
+    ) -> None:
+        self.prepared, self.store, self.rank, self.keep = prepared, store, rank, max(1, keep)
+        self.retry_budget_s = (
+            retry_budget_s  # how long a read rides out a storage outage (run.storage_retry_seconds)
+        )
+        self.label2id = {lab: i for i, lab in enumerate(prepared.labels)}
+        self.loaded: OrderedDict[int, list[Window]] = OrderedDict()
+        self.epoch = 0  # set by the loop: recorded with each read
+        self.opened: list[tuple[int, int]] = []  # (epoch, shard) of every shard this rank loaded: a read log
+
+    def start_epoch(self, epoch: int) -> None:
+        """A new epoch: its plan deals the shards anew, so nothing loaded is kept."""
+        self.epoch = epoch
+        self.loaded.clear()
+
+    def windows(self, ids: Sequence[int]) -> list[Window]:
+        shard_ids = np.searchsorted(self.prepared.starts, np.asarray(ids), side="right") - 1
+        out = []
+        for i, k in zip(ids, shard_ids.tolist(), strict=True):
+            out.append(self._shard(k)[i - int(self.prepared.starts[k])])
+        return out
+
+    def _shard(self, k: int) -> list[Window]:
+        if k in self.loaded:
+            self.loaded.move_to_end(k)
+            return self.loaded[k]
+        while len(self.loaded) >= self.keep:
+            self.loaded.popitem(last=False)
+        meta = self.prepared.manifest["shards"][k]
+        log.info("rank %d reads shard %d (%s, %d windows)", self.rank, k, meta["corpus"], meta["windows"])
+        self.opened.append((self.epoch, k))
+        windows: list[Window] = []
+        fp = self.prepared.fingerprint
+        for piece in meta["pieces"]:
+            table = _read_parquet(
+                _verified(self.store, f"{fp}/{piece['key']}", piece["sha256"], self.retry_budget_s)
+            )
+            windows += _windows(table, self.label2id)
+        self.loaded[k] = windows
+        return windows
+
+
+def _windows(table: Any, label2id: dict[str, int]) -> list[Window]:
+    def lists(name: str) -> list[np.ndarray]:
+        col = table.column(name).combine_chunks()
+        offs = col.offsets.to_numpy()
+        vals = col.values.to_numpy(zero_copy_only=False)
+        return [vals[offs[i] : offs[i + 1]] for i in range(len(col))]
+
+    ids, pos, words = lists("input_ids"), lists("positions"), lists("words")
+    tags = table.column("tags").to_pylist()
+    sent = table.column("sentence").to_numpy()
+    out = []
+    for r in range(table.num_rows):
+        labels = np.full(len(ids[r]), IGNORE, dtype=np.int32)
+        labels[pos[r]] = [label2id[t] for t in tags[r]]
+        out.append(
+            Window(
+                sentence=int(sent[r]),
+                input_ids=ids[r].astype(np.int32),
+                labels=labels,
+                words=words[r].astype(np.int32),
+                positions=pos[r].astype(np.int32),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _label_list(tags: set[str]) -> list[str]:
+    from .conll import Sentence, label_list
+
+    return label_list([Sentence(tuple(sorted(tags)), tuple(sorted(tags)), 1)])
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Any) -> str:
+    from raytag.cluster.storage import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
+
+
+def _verified(store: Any, key: str, sha256: str, retry_budget_s: float | None = None) -> bytes:
+    """The bytes of `key`, only once they match `sha256`: a corrupt shard is never parsed. A
+    transient storage failure (a bucket briefly unreachable) is retried with backoff, as uploads
+    are (for `retry_budget_s` seconds when given)."""
+    from raytag.cluster.storage import RetryPolicy, with_retries
+
+    policy = RetryPolicy.for_seconds(retry_budget_s) if retry_budget_s is not None else None
+    data = with_retries(
+        lambda: store.get_bytes(key), what=f"reading {store.display(key)}", policy=policy, log=log.info
+    )
+    if data is None:
+        raise ShardError(
+            f"prepared shard {store.display(key)} is missing; run `trainer/main.py prepare` again"
+        )
+    if _sha256(data) != sha256:
+        raise ShardError(
+            f"prepared shard {store.display(key)} fails its sha256 check (corrupt or truncated); "
+            "run `trainer/main.py prepare` again"
+        )
+    return data
+
+
+def _parquet_bytes(columns: dict[str, Any]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = {}
+    for name, values in columns.items():
+        if isinstance(values, np.ndarray):
+            arrays[name] = pa.array(values)
+        elif name == "tags":
+            arrays[name] = pa.array(values, type=pa.list_(pa.string()))
+        elif name == "sentence":
+            arrays[name] = pa.array(values, type=pa.int64())
+        else:
+            arrays[name] = pa.array(
+                [np.asarray(v, dtype=np.int32) for v in values], type=pa.list_(pa.int32())
+            )
+    buf = io.BytesIO()
+    pq.write_table(pa.table(arrays), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _read_parquet(data: bytes) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(data))
