@@ -420,7 +420,9 @@ def main() -> int:
                 )
             print(f"\nround {rnd + 1} of {args.repeat}:\n" + table(rows), flush=True)
             record["rounds"].append([asdict(r) for r in rows])
-            (out_dir / f"chaos-{stamp}.json").write_text(json.dumps(record, indent=1))  # each round as it ends
+            (out_dir / f"chaos-{stamp}.json").write_text(
+                json.dumps(record, indent=1)
+            )  # each round as it ends
             ok = ok and all(r.recovered and r.equal for r in rows)
     finally:
         bench.close()

@@ -242,7 +242,9 @@ def test_a_long_outage_ends_the_run_in_one_line_and_the_rerun_matches(aws_env, c
     errors = [ln for ln in out.splitlines() if ln.startswith("raytag: error: ")]
     # Whichever the run needed first: a checkpoint upload, or a training shard (they live in the bucket).
     assert len(errors) == 1, out[-3000:]
-    assert "was not saved" in errors[0] or ("cannot read" in errors[0] and "prepared-data" in errors[0]), errors
+    assert "was not saved" in errors[0] or ("cannot read" in errors[0] and "prepared-data" in errors[0]), (
+        errors
+    )
     assert "Traceback" not in out
 
     # The rerun (on the same node) first uploads the parts the failed attempt left in its staging
