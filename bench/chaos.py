@@ -249,11 +249,13 @@ class Bench:
         logs: list[str] = []
         note = ""
         attempts = 0
+        failed_at: int | None = None
         while attempts < 4:
             attempts += 1
             job = self.submit(name, fault if attempts == 1 else None, marker)
             if attempts == 1 and fault is not None and fault.at_step is not None:
                 note = self.strike(name, job, fault)
+                failed_at = self.logged_step(name)  # what the bucket's metrics show right after the fault
             statuses.append(self.wait(job))
             logs.append(self.jobs.get_job_logs(job))
             if statuses[-1] == "SUCCEEDED" and self.get(f"runs/{name}/results.json"):
@@ -264,6 +266,13 @@ class Bench:
         results = json.loads(results_raw) if results_raw else None
         recs = self.records(name)
         trained = sum(len(re.findall(rf"\bstep (\d+)/{STEPS} loss", text)) for text in logs)
+        # A killed driver takes the workers' last log lines with it: count from the metrics too
+        # (the steps logged before the fault, less the step the next attempt resumed from).
+        resumed = [
+            int(m) for text in logs[1:] for m in re.findall(r"resumed from checkpoint step-(\d+)", text)
+        ]
+        if failed_at is not None and resumed:
+            trained = max(trained, STEPS + failed_at - resumed[0])
         out = Outcome(
             kind=fault.kind if fault else "none",
             when=fault.when if fault else "clean run",
