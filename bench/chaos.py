@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -136,7 +137,7 @@ class Outcome:
 class Bench:
     def __init__(self, root: Path, drain: bool = False) -> None:
         self.root = root
-        weed, minio = find_weed(), __import__("shutil").which("minio")
+        weed, minio = find_weed(), shutil.which("minio")
         key, secret = "raytagchaos", f"chaos-{uuid.uuid4().hex}"
         if minio:
             self.s3: S3TestServer = minio_server(minio, root / "s3", key, secret)

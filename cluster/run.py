@@ -193,7 +193,7 @@ class RunStore:
             storage, name, keep_best=keep_best, metric="f1", log=log, retry_budget_s=retry_budget_s
         )
         self.files = RunFiles(storage, name, log=log, retry_budget_s=retry_budget_s)
-        # Rank k's part uploads run in order on one thread (rank 0 then waits for the others' markers).
+        # Rank k's part uploads run in order on one thread.
         self._parts = ThreadPoolExecutor(1, thread_name_prefix="raytag-part")
         # Rank 0 writes manifests on a thread of their own: it may wait there for other ranks' parts.
         self._manifests = ThreadPoolExecutor(1, thread_name_prefix="raytag-manifest")
@@ -537,7 +537,7 @@ class RunStore:
     # ------------------------------------------------------------------ waiting and closing
 
     def _failed(self) -> BaseException | None:
-        """The first failure among finished part uploads (removed from the list), else None."""
+        """The first failure among finished part uploads and manifest writes (removed from the list), else None."""
         with self._pending_lock:
             done = [f for f in self._pending if f.done()]
             self._pending = [f for f in self._pending if not f.done()]

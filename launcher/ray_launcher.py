@@ -200,22 +200,21 @@ class _DriverStop:
         import threading
 
         self.flag, self.grace_s = flag, grace_s
-        self.reason: str | None = None
-        self._pending: list[tuple[str, float]] = []
+        self.request: tuple[str, float] | None = None  # the first SIGTERM's (reason, deadline)
         self._wake = threading.Event()
         threading.Thread(target=self._forward, name="raytag-stop", daemon=True).start()
 
     def __call__(self, reason: str, deadline: float) -> None:  # in the signal handler
-        if self.reason is None:
-            self.reason = reason
-            self._pending.append((f"{reason} by the driver", deadline))
+        if self.request is None:
+            self.request = (f"{reason} by the driver", deadline)
             self._wake.set()
 
     def _forward(self) -> None:
         import ray
 
         self._wake.wait()
-        reason, deadline = self._pending[0]
+        assert self.request is not None
+        reason, deadline = self.request
         wait_s = int(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3"))  # what `ray job stop` allows
         log.warning(
             "%s: asking the workers to stop at their next step boundary with a checkpoint (%.0f s)",

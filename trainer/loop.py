@@ -717,6 +717,7 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
     reads = dist.gather_objects(s.reader.opened)  # what each rank read (since this process started)
     if dist.rank() != 0:
         return None
+    train = train_provenance(data)
 
     for name, res in preds.items():
         write_predictions(
@@ -732,9 +733,7 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         data.tokenizer,
         run.workdir / "model",
         _export_meta(data.labels, cfg.model, model_from),
-        _card(
-            cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results, train_provenance(data)
-        ),
+        _card(cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results, train),
     )
     run.publish("model")
     train_seconds = progress.train_seconds
@@ -752,7 +751,7 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         "resumed_from": resumed_from,
         "labels": data.labels,
         "train_data": {
-            **train_provenance(data),
+            **train,
             # rank -> [[epoch, shard], ...]: the shards each rank loaded (this attempt; a resumed run's
             # earlier reads are not repeated here)
             "reads": {str(r): [list(x) for x in part] for r, part in enumerate(reads)},
@@ -944,7 +943,7 @@ def _inject_fault(rank: int, step: int, point: str) -> None:
     want_rank, want_step, rest = spec.split(":", 2)
     parts = rest.split(":")
     mode, at = "exit", "step"
-    while len(parts) > 1 and parts[-1] in (*FAULT_MODES, *FAULT_POINTS, "save"):
+    while len(parts) > 1 and parts[-1] in (*FAULT_MODES, *FAULT_POINTS):
         word = parts.pop()
         if word in FAULT_MODES:
             mode = word

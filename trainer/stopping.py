@@ -38,7 +38,8 @@ class StopRequest:
     """This process's stop flag: why, and until when the save may run (wall-clock deadline)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: the SIGTERM handler runs on the main thread, which may hold it (in `done`).
+        self._lock = threading.RLock()
         self.reason: str | None = None
         self.deadline: float | None = None
         self._watchdog: threading.Timer | None = None
