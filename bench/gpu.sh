@@ -5,13 +5,17 @@
 #      it on a machine with PyPI), when torch sees a GPU and cannot import deepspeed: the lent
 #      machine has torch and transformers but no DeepSpeed, and no network.
 #   2. The `gpu` tests (tests/test_gpu.py) under pytest.
-#   3. A bf16 training run, one worker in this machine's process: xlm-roberta-base's
-#      architecture, randomly initialised (`builtin:xlmr-base-random`), one epoch of CoNLL-2003
-#      with XLM-R's tokenizer and the recipe of configs/xlmr-base-conll2003.yaml. It prints
-#      train tokens/s, train seconds, wall time and peak GPU memory (bench/gpu_run.py).
+#   3. bf16 training runs, one worker in this machine's process, at ZeRO-0 and at ZeRO-2:
+#      xlm-roberta-base's architecture, randomly initialised (`builtin:xlmr-base-random`), three
+#      epochs of CoNLL-2003 plus evaluation, with XLM-R's tokenizer and the recipe of
+#      configs/xlmr-base-conll2003.yaml. Each prints train tokens/s, MFU, train seconds, wall time
+#      and peak GPU memory (bench/gpu_run.py), prefixed by its stage ("ZeRO-0: ...").
+#   4. The Hugging Face Trainer recipe (run_ner's, batch 8, --bf16) on the same data, model and
+#      device, one epoch plus evaluation (bench/gpu_hf.py), and raytag's tokens/s over its.
+#      Skipped, saying why, when the Trainer's `accelerate` is missing.
 #
-# Without a GPU, steps 1 and 2 are skipped (it says so) and step 3 runs on the CPU, which only
-# makes sense with RAYTAG_GPU_SH_TINY=1 (tests/test_gpu_sh.py does that).
+# Without a GPU, steps 1 and 2 are skipped (it says so) and steps 3 and 4 run on the CPU, which
+# only makes sense with RAYTAG_GPU_SH_TINY=1 (tests/test_gpu_sh.py does that).
 #
 # Environment (all optional):
 #   RAYTAG_GPU_SH_TINY=1         the demo's tiny model and data, a few steps: a rehearsal
@@ -20,13 +24,16 @@
 #                                (default: .gpu-data/conll2003, else ../shared/data/conll2003)
 #   RAYTAG_GPU_SH_TOKENIZER      XLM-R's tokenizer folder (default: .gpu-data/xlm-roberta-base-tokenizer,
 #                                else ../shared/models/xlm-roberta-base-tokenizer)
-#   RAYTAG_GPU_SH_EPOCHS         epochs of the full run (1)
+#   RAYTAG_GPU_SH_EPOCHS         epochs of the full runs (3)
+#   RAYTAG_GPU_SH_ZERO           the ZeRO stages to run ("0 2")
+#   RAYTAG_GPU_SH_HF_EPOCHS      epochs of the Hugging Face Trainer run (1; its tokens/s is the figure)
 #   RAYTAG_GPU_SH_MAX_STEPS      cap on optimizer steps (the tiny run: 4)
 #   RAYTAG_GPU_SH_BATCH_TOKENS   train.batch_tokens (default: the config's, 1024: the recipe's)
 #   RAYTAG_GPU_SH_ARGS           more raytag key=value overrides, space-separated
 #   RAYTAG_GPU_SH_OUT            where the figures and logs go (default: $OUT on the lent machine,
-#                                else bench/out/gpu): gpu-summary.json, results.json, metrics.jsonl,
-#                                run.log, pytest.log (five small files)
+#                                else bench/out/gpu): per stage gpu-summary-zeroN.json,
+#                                results-zeroN.json, metrics-zeroN.jsonl, run-zeroN.log; hf-summary.json,
+#                                hf.log, pytest.log (small files)
 #   RAYTAG_GPU_SH_RUNS           where the run's folder goes (default: $TMPDIR or /tmp, /raytag-gpu-sh):
 #                                checkpoints and the exported model are GBs, kept out of $OUT
 #   RAYTAG_GPU_SH_WHEELS         auto (step 1 as above), always (install even without a GPU), never
@@ -154,24 +161,54 @@ else
     NAME=xlmr-base-random-conll2003
     OVERRIDES=(
         "data.train=$DATA/train.txt" "data.validation=$DATA/validation.txt" "data.test=$DATA/test.txt"
-        "model.name_or_path=builtin:xlmr-base-random:$TOKENIZER" "train.epochs=${RAYTAG_GPU_SH_EPOCHS:-1}"
+        "model.name_or_path=builtin:xlmr-base-random:$TOKENIZER" "train.epochs=${RAYTAG_GPU_SH_EPOCHS:-3}"
     )
     [ -n "${RAYTAG_GPU_SH_MAX_STEPS:-}" ] && OVERRIDES+=("train.max_steps=$RAYTAG_GPU_SH_MAX_STEPS")
 fi
 [ -n "${RAYTAG_GPU_SH_BATCH_TOKENS:-}" ] && OVERRIDES+=("train.batch_tokens=$RAYTAG_GPU_SH_BATCH_TOKENS")
-OVERRIDES+=(train.precision=bf16 "run.storage=$RUNS/runs" "run.name=$NAME" run.new_run=true
+OVERRIDES+=(train.precision=bf16 "run.storage=$RUNS/runs" run.new_run=true
     scaling.num_workers=1 "scaling.use_gpu=$USE_GPU")
 read -r -a EXTRA <<<"${RAYTAG_GPU_SH_ARGS:-}"
 OVERRIDES+=("${EXTRA[@]}")
 
-say "step 3: bf16 run of $CONFIG ${OVERRIDES[*]}"
-"$PY" bench/gpu_run.py --config "$CONFIG" --summary "$OUTDIR/gpu-summary.json" "${OVERRIDES[@]}" 2>&1 |
-    tee "$OUTDIR/run.log"
-if [ "${PIPESTATUS[0]}" = 0 ]; then RUN=finished; else RUN=failed; fi
-for f in results.json metrics.jsonl; do
-    [ -f "$RUNS/runs/$NAME/$f" ] && cp "$RUNS/runs/$NAME/$f" "$OUTDIR/$f"
+RUN=finished
+FIRST_SUMMARY=
+for Z in ${RAYTAG_GPU_SH_ZERO:-0 2}; do
+    STAGE=("run.name=$NAME-zero$Z")
+    # One worker runs ZeRO-0 unless DeepSpeed's JSON names the stage (trainer/loop.py, engine_spec).
+    [ "$Z" != 0 ] && STAGE+=("train.deepspeed={zero_optimization: {stage: $Z}}")
+    say "step 3: bf16 run at ZeRO-$Z of $CONFIG ${OVERRIDES[*]} ${STAGE[*]}"
+    "$PY" bench/gpu_run.py --label "ZeRO-$Z" --config "$CONFIG" --summary "$OUTDIR/gpu-summary-zero$Z.json" \
+        "${OVERRIDES[@]}" "${STAGE[@]}" 2>&1 | tee "$OUTDIR/run-zero$Z.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || RUN=failed
+    [ -z "$FIRST_SUMMARY" ] && [ -f "$OUTDIR/gpu-summary-zero$Z.json" ] && FIRST_SUMMARY="$OUTDIR/gpu-summary-zero$Z.json"
+    [ -f "$RUNS/runs/$NAME-zero$Z/results.json" ] && cp "$RUNS/runs/$NAME-zero$Z/results.json" "$OUTDIR/results-zero$Z.json"
+    [ -f "$RUNS/runs/$NAME-zero$Z/metrics.jsonl" ] && cp "$RUNS/runs/$NAME-zero$Z/metrics.jsonl" "$OUTDIR/metrics-zero$Z.jsonl"
 done
 
+# ---- 4. the Hugging Face Trainer recipe on the same data, model and device
+HF=skipped
+if ! "$PY" -c 'import accelerate' 2>/dev/null; then
+    say "step 4: HF Trainer skipped: $PY cannot import accelerate (the Trainer needs it)"
+else
+    if [ "$TINY" = 1 ]; then
+        HF_ARGS=(--model builtin:tiny-xlmr --data trainer/assets/demo --max-steps "${RAYTAG_GPU_SH_MAX_STEPS:-4}")
+    else
+        HF_ARGS=(--model "builtin:xlmr-base-random:$TOKENIZER" --data "$DATA" --epochs "${RAYTAG_GPU_SH_HF_EPOCHS:-1}")
+    fi
+    say "step 4: HF Trainer recipe, bf16: ${HF_ARGS[*]}"
+    "$PY" bench/gpu_hf.py --summary "$OUTDIR/hf-summary.json" --bf16 "${HF_ARGS[@]}" 2>&1 | tee "$OUTDIR/hf.log"
+    if [ "${PIPESTATUS[0]}" = 0 ]; then HF=finished; else HF=failed; fi
+    if [ "$HF" = finished ] && [ -n "$FIRST_SUMMARY" ]; then
+        "$PY" - "$FIRST_SUMMARY" "$OUTDIR/hf-summary.json" <<'PY'
+import json, sys
+rt, hf = (json.load(open(p)) for p in sys.argv[1:3])
+ratio = rt["train_tokens_per_second"] / hf["train_tokens_per_second"]
+print(f"gpu.sh: raytag/HF Trainer train tokens/s: {ratio:.2f}")
+PY
+    fi
+fi
+
 say "total seconds: $SECONDS"
-say "done: gpu tests $TESTS, run $RUN; figures and logs in $OUTDIR"
-[ "$TESTS" != failed ] && [ "$RUN" = finished ]
+say "done: gpu tests $TESTS, runs $RUN, HF Trainer $HF; figures and logs in $OUTDIR"
+[ "$TESTS" != failed ] && [ "$RUN" = finished ] && [ "$HF" != failed ]

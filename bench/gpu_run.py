@@ -60,16 +60,22 @@ def _peak_memory() -> dict[str, int | None]:
     }
 
 
+LABEL = ""  # --label: a prefix for every figure line ("ZeRO-0: train tokens/s: ...")
+
+
 def _say(text: str) -> None:
-    print(f"gpu.sh: {text}", flush=True)
+    print(f"gpu.sh: {LABEL}{text}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="raytag config file")
     p.add_argument("--summary", required=True, type=Path, help="where to write the figures as JSON")
+    p.add_argument("--label", default="", help="a prefix for the figure lines, e.g. ZeRO-0")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="raytag config overrides")
     args = p.parse_args(argv)
+    global LABEL
+    LABEL = f"{args.label}: " if args.label else ""
 
     try:
         import raytag.trainer  # noqa: F401  (installed, or bench/gpu.sh's link farm)
@@ -109,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         "batch_tokens": cfg.train.batch_tokens,
         "workers": cfg.scaling.num_workers,
         "train_tokens_per_second": results["train_tokens_per_second"],
+        "train_mfu": results.get("train_mfu"),
+        "peak_flops_per_device": results.get("peak_flops_per_device"),
+        "peak_flops_source": results.get("peak_flops_source"),
         "train_runtime_seconds": results["train_runtime_seconds"],
         "train_tokens": results["train_tokens"],
         "global_steps": results["global_steps"],
@@ -136,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     _say(f"train tokens/s: {summary['train_tokens_per_second']:.0f}")
     _say(f"train seconds: {summary['train_runtime_seconds']:.1f}")
+    mfu = summary["train_mfu"]
+    _say(
+        f"train MFU: {'n/a' if mfu is None else f'{100 * mfu:.2f}%'} "
+        f"(peak {summary['peak_flops_per_device'] or 'unknown'} FLOP/s: {summary['peak_flops_source']})"
+    )
     _say(f"wall seconds (set-up, training, evaluation, checkpoint, export): {wall:.1f}")
     peak = summary["peak_gpu_memory_allocated_bytes"]
     if peak is None:

@@ -243,7 +243,8 @@ def hf_worker(spec: dict) -> dict:
         output_dir=spec["output_dir"],
         per_device_train_batch_size=spec["hf_batch"],
         learning_rate=spec["lr"],
-        num_train_epochs=1,
+        num_train_epochs=spec.get("epochs", 1),
+        max_steps=spec.get("max_steps") or -1,
         warmup_ratio=WARMUP_RATIO,
         weight_decay=WEIGHT_DECAY,
         lr_scheduler_type="linear",
@@ -255,6 +256,7 @@ def hf_worker(spec: dict) -> dict:
         dataloader_num_workers=0,
         disable_tqdm=True,  # logs go to a file; the loss lines still print
         use_cpu=not use_gpu,
+        bf16=bool(spec.get("bf16")),  # run_ner's --bf16: autocast, fp32 weights (on CPU too)
     )
     trainer_kwargs = {
         "model": model,
@@ -383,9 +385,10 @@ def tail(path: Path, n: int = 15) -> str:
     return "\n".join("    | " + line for line in lines[-n:])
 
 
-def run_hf(args, size: int | None, seed: int, stamp: str) -> dict:
-    name = f"quality-{size_name(size)}-s{seed}-{stamp}"
+def run_hf(args, size: int | None, seed: int, stamp: str, bf16: bool = False) -> dict:
+    name = f"quality-{size_name(size)}-s{seed}-{stamp}" + ("-bf16" if bf16 else "")
     spec = {
+        "bf16": bf16,
         "seed": seed,
         "threads": args.threads,
         "model": str(ENCODER),
@@ -440,7 +443,7 @@ def run_raytag(args, size: int | None, seed: int, stamp: str, batch_tokens: int 
             f"train.weight_decay={WEIGHT_DECAY}",
             f"train.batch_tokens={batch_tokens}",
         ]
-    cmd += [f"run.storage={storage}", f"run.name={name}"]
+    cmd += [*args.raytag_set, f"run.storage={storage}", f"run.name={name}"]
     log = OUT / "logs" / f"{name}-raytag.log"
     rc, wall = run_logged(cmd, log, args.threads)
     results_file = REPO / storage / name / "results.json"
@@ -526,12 +529,13 @@ def run_size(args, size: int | None, stamp: str) -> dict:
         row: dict = {"seed": seed}
         # The order alternates between seeds, so that a load that drifts over time (other jobs on
         # the same cores) does not always fall on the same side.
-        for side in ("hf", "raytag") if k % 2 == 0 else ("raytag", "hf"):
-            if args.only not in (side, "both"):
+        sides = ("hf", "hf_bf16", "raytag") if k % 2 == 0 else ("raytag", "hf_bf16", "hf")
+        for side in sides:
+            if args.only not in (side.split("_")[0], "both") or (side == "hf_bf16" and not args.hf_bf16):
                 continue
             print(f"[{tag} seed {seed}] {side}: running ...", flush=True)
-            if side == "hf":
-                res = run_hf(args, size, seed, stamp)
+            if side.startswith("hf"):
+                res = run_hf(args, size, seed, stamp, bf16=side == "hf_bf16")
             else:
                 res = run_raytag(args, size, seed, stamp, batch_tokens)
             row[side] = res
@@ -541,7 +545,7 @@ def run_size(args, size: int | None, stamp: str) -> dict:
                 )
                 continue
             extra = ""
-            if side == "hf":
+            if side.startswith("hf"):
                 tr = res["truncation"]
                 if tr["train"]["truncated_sentences"] or tr["validation"]["truncated_sentences"]:
                     extra = (
@@ -563,7 +567,7 @@ def run_size(args, size: int | None, stamp: str) -> dict:
         runs.append(row)
 
     summary: dict = {}
-    for side in ("hf", "raytag"):
+    for side in ("hf", "hf_bf16", "raytag"):
         for key in (
             "f1",
             "train_tokens_per_second",
@@ -583,6 +587,8 @@ def run_size(args, size: int | None, stamp: str) -> dict:
 
     summary["ratio_tokens_per_second"] = ratio("train_tokens_per_second")
     summary["ratio_train_seconds"] = ratio("train_runtime_seconds")
+    a, b = summary["raytag_train_runtime_seconds_mean"], summary["hf_bf16_train_runtime_seconds_mean"]
+    summary["ratio_train_seconds_vs_hf_bf16"] = a / b if a is not None and b else None
     hf_f1, rt_f1 = summary["hf_f1_mean"], summary["raytag_f1_mean"]
     if hf_f1 is None or rt_f1 is None:
         summary["acceptance"] = "n/a"
@@ -643,6 +649,23 @@ def print_tables(args, results: list[dict]) -> None:
             f"{fmt(s['ratio_train_seconds'], '.2f'):>11} {fmt(s['hf_train_sentences_per_step_mean'], '.2f'):>12} "
             f"{fmt(s['raytag_train_sentences_per_step_mean'], '.2f'):>16}  {s['acceptance']}"
         )
+    if args.hf_bf16:
+        print("the HF recipe with --bf16 (autocast), the engines at equal precision:")
+        header = (
+            f"{'size':>6} {'HF bf16 F1':>10} {'raytag F1':>9} {'HF bf16 train s':>15} {'raytag train s':>14} "
+            f"{'raytag/HF bf16 s':>16} {'raytag/HF fp32 s':>16}"
+        )
+        print(header)
+        print("-" * len(header))
+        for res in results:
+            s = res["summary"]
+            tag = "all" if res["train_samples"] is None else str(res["train_samples"])
+            print(
+                f"{tag:>6} {fmt(s['hf_bf16_f1_mean'], '.4f'):>10} {fmt(s['raytag_f1_mean'], '.4f'):>9} "
+                f"{fmt(s['hf_bf16_train_runtime_seconds_mean'], '.1f'):>15} "
+                f"{fmt(s['raytag_train_runtime_seconds_mean'], '.1f'):>14} "
+                f"{fmt(s['ratio_train_seconds_vs_hf_bf16'], '.2f'):>16} {fmt(s['ratio_train_seconds'], '.2f'):>16}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -682,6 +705,18 @@ def main(argv: list[str] | None = None) -> int:
         help="check: raytag F1 >= HF F1 - this (0.01; --defaults: 0.005)",
     )
     ap.add_argument("--only", choices=["hf", "raytag", "both"], default="both")
+    ap.add_argument(
+        "--hf-bf16",
+        action="store_true",
+        help="also run the HF recipe with --bf16 (autocast), to compare the engines at equal precision",
+    )
+    ap.add_argument(
+        "--raytag-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra raytag config override (repeatable), e.g. train.precision=fp32",
+    )
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads on both sides (default: all cores)"
     )
@@ -777,7 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out_file.relative_to(REPO)}")
 
     if any(
-        "error" in (r.get(side) or {}) for res in results for r in res["runs"] for side in ("hf", "raytag")
+        "error" in (r.get(side) or {})
+        for res in results
+        for r in res["runs"]
+        for side in ("hf", "hf_bf16", "raytag")
     ):
         return 2
     return 1 if overall == "FAIL" else 0

@@ -1,13 +1,14 @@
-"""DeepSpeed engine set-up: one worker skips the gradient all-reduce, with bit-identical results."""
+"""DeepSpeed engine set-up: the identity all-reduce skipped, bf16 on CPU, sparse word-embedding updates."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from raytag.trainer.engine import EngineSpec, build_engine
+from raytag.trainer.engine import EngineSpec, build_engine, catch_up_rows
 from raytag.trainer.model import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow  # builds DeepSpeed engines (and the process group) in this process
@@ -44,3 +45,230 @@ def test_one_worker_skips_the_identity_allreduce_and_trains_identically():
     for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert not all(torch.equal(a, c) for a, c in zip(model.parameters(), initial.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 on CPU: DeepSpeed's torch_autocast, fp32 weights
+
+
+def test_auto_precision_on_cpu_follows_the_cpus_bf16_support(monkeypatch):
+    import raytag.trainer.engine as eng
+
+    monkeypatch.setattr(eng, "cpu_has_bf16", lambda: True)
+    assert eng.resolve_precision("auto", False) == "bf16"
+    monkeypatch.setattr(eng, "cpu_has_bf16", lambda: False)
+    assert eng.resolve_precision("auto", False) == "fp32"
+    assert eng.resolve_precision("bf16", False) == "bf16"  # an explicit choice stands
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        eng.resolve_precision("fp16", False)
+
+
+def test_cpu_bf16_is_torch_autocast_and_gpu_bf16_is_deepspeeds_mode():
+    from raytag.trainer.engine import deepspeed_config
+
+    cpu = deepspeed_config(EngineSpec(1e-2, 0.0, (0.9, 0.999), 1e-8, 10, 1, 0, "bf16", 1, 1.0, 1, {}))
+    assert cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert cpu["bf16"]["enabled"] is False and cpu["fp16"]["enabled"] is False
+    gpu = deepspeed_config(
+        EngineSpec(1e-2, 0.0, (0.9, 0.999), 1e-8, 10, 1, 0, "bf16", 1, 1.0, 1, {}, on_gpu=True)
+    )
+    assert gpu["bf16"]["enabled"] is True and "torch_autocast" not in gpu
+    fp32 = deepspeed_config(EngineSpec(1e-2, 0.0, (0.9, 0.999), 1e-8, 10, 1, 0, "fp32", 1, 1.0, 1, {}))
+    assert "torch_autocast" not in fp32 and fp32["bf16"]["enabled"] is False
+
+
+def test_cpu_bf16_trains_with_fp32_weights_and_bf16_matmuls():
+    tok = load_tokenizer("builtin:tiny-xlmr")
+    model = load_model("builtin:tiny-xlmr", LABELS, tok, seed=0, dropout=0.0)
+    spec = EngineSpec(1e-2, 0.0, (0.9, 0.999), 1e-8, 20, 0, 0, "bf16", 1, 1.0, 1, {})
+    engine = build_engine(model, spec)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(5, len(tok), (4, 12), generator=gen)
+    y = torch.randint(0, len(LABELS), (4, 12), generator=gen)
+    losses = []
+    for _ in range(15):
+        out = engine(input_ids=x, labels=y)
+        assert out.logits.dtype == torch.bfloat16  # the classifier's matmul ran in bf16
+        engine.backward(out.loss, scale_wrt_gas=False)
+        engine.step()
+        losses.append(float(out.loss.detach()))
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse word-embedding updates: lazy AdamW rows
+
+
+def _twin_tables(rows: int = 12, width: int = 6):
+    torch.manual_seed(0)
+    dense = torch.nn.Embedding(rows, width)
+    sparse = torch.nn.Embedding(rows, width, sparse=True)
+    sparse.weight.data.copy_(dense.weight.data)
+    return dense, sparse
+
+
+def _train_twins(dense, sparse, id_lists, lr=0.05, weight_decay=0.1):
+    from raytag.trainer.engine import RowSparseAdamW, settle_before_lookup
+
+    kw = {"lr": lr, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": weight_decay}
+    opt_dense = torch.optim.AdamW(dense.parameters(), fused=True, **kw)
+    opt_sparse = RowSparseAdamW(sparse.parameters(), fused=True, **kw)
+    settle_before_lookup(sparse, opt_sparse)  # as build_engine does for one worker
+    gen = torch.Generator().manual_seed(1)
+    for ids in id_lists:
+        x = torch.tensor([ids])
+        target = torch.randn(1, len(ids), dense.embedding_dim, generator=gen)
+        for emb, opt in ((dense, opt_dense), (sparse, opt_sparse)):
+            opt.zero_grad()
+            ((emb(x) - target) ** 2).sum().backward()
+            opt.step()
+    return opt_sparse
+
+
+def test_row_sparse_adamw_equals_dense_adamw_where_every_row_has_a_gradient_every_step():
+    dense, sparse = _twin_tables()
+    # Rows 0, 3, 5, 7 every step (two of them twice in the batch); the others never.
+    opt = _train_twins(dense, sparse, [[0, 3, 5, 3, 7, 0]] * 5)
+    touched = [0, 3, 5, 7]
+    torch.testing.assert_close(sparse.weight[touched], dense.weight[touched], rtol=1e-5, atol=1e-6)
+    state = opt.state[sparse.weight]
+    assert float(state["step"]) == 5 and set(state) == {
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+        "row_step",
+        "step_coef",
+        "log_keep",
+    }
+    assert state["row_step"].tolist() == [5, 0, 0, 5, 0, 5, 0, 5, 0, 0, 0, 0]
+
+
+def test_rows_without_a_gradient_owe_dense_adamws_steps_and_pay_them_on_their_next_update_or_catch_up():
+    dense, sparse = _twin_tables()
+    before = sparse.weight.detach().clone()
+    # Rows come and go: each row's gradient-free stretches are what dense AdamW keeps moving through.
+    steps = [[0, 1, 2], [0, 3], [4, 5, 0], [1, 6], [0, 2, 7], [8], [0, 9], [3, 1], [10, 0], [11, 2]] * 3
+    opt = _train_twins(dense, sparse, steps)
+    assert torch.equal(sparse.weight[11], dense.weight[11]) is False  # row 11 still owes its last steps
+    opt.catch_up()
+    assert opt.state[sparse.weight]["row_step"].tolist() == [30] * 12
+    moved = (dense.weight.detach() - before).abs()
+    error = (sparse.weight - dense.weight).detach().abs()
+    assert float(error.max()) < 0.002 * float(moved.max()), (error.max(), moved.max())
+    # The moments are exact (no approximation in their decay).
+    torch.testing.assert_close(
+        opt.state[sparse.weight]["exp_avg"], _dense_moments(steps)[0], rtol=1e-4, atol=1e-7
+    )
+
+
+def _dense_moments(steps):
+    dense, _ = _twin_tables()
+    opt = torch.optim.AdamW(
+        dense.parameters(), lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, fused=True
+    )
+    gen = torch.Generator().manual_seed(1)
+    for ids in steps:
+        x = torch.tensor([ids])
+        target = torch.randn(1, len(ids), dense.embedding_dim, generator=gen)
+        opt.zero_grad()
+        ((dense(x) - target) ** 2).sum().backward()
+        opt.step()
+    st = opt.state[dense.weight]
+    return st["exp_avg"], st["exp_avg_sq"]
+
+
+def test_sparse_embeddings_through_the_engine_clip_as_dense_and_keep_the_other_weights_identical():
+    tok = load_tokenizer("builtin:tiny-xlmr")
+    model = load_model("builtin:tiny-xlmr", LABELS, tok, seed=0, dropout=0.0)
+    twin = copy.deepcopy(model)
+    base = EngineSpec(1e-3, 0.01, (0.9, 0.999), 1e-8, 10, 0, 0, "fp32", 1, 0.05, 1, {})  # clipping bites
+    import dataclasses
+
+    sparse = build_engine(model, dataclasses.replace(base, sparse_embeddings=True))
+    dense = build_engine(twin, base)
+    assert model.get_input_embeddings().sparse and not twin.get_input_embeddings().sparse
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(5, len(tok), (4, 12), generator=gen)
+    y = torch.randint(0, len(LABELS), (4, 12), generator=gen)
+    for engine in (sparse, dense):
+        out = engine(input_ids=x, labels=y)
+        engine.backward(out.loss, scale_wrt_gas=False)
+        engine.step()
+    # One step from the same state: the clipped norm and every non-embedding weight are the same.
+    assert sparse.get_global_grad_norm() == pytest.approx(dense.get_global_grad_norm(), rel=1e-5)
+    assert sparse.get_global_grad_norm() > 0.05
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if "word_embeddings" not in name:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    rows = torch.unique(x)
+    emb_a, emb_b = model.get_input_embeddings().weight, twin.get_input_embeddings().weight
+    torch.testing.assert_close(emb_a[rows], emb_b[rows], rtol=1e-5, atol=1e-7)
+
+
+def _sparse_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import dataclasses
+
+        tok = load_tokenizer("builtin:tiny-xlmr")
+        spec = EngineSpec(1e-2, 0.01, (0.9, 0.999), 1e-8, 10, 0, 0, "fp32", 1, 1.0, world, {})
+        engines = {}
+        for sparse in (True, False):
+            model = load_model("builtin:tiny-xlmr", LABELS, tok, seed=0, dropout=0.0)
+            engines[sparse] = build_engine(model, dataclasses.replace(spec, sparse_embeddings=sparse))
+        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+        for _ in range(4):
+            x = torch.randint(5, len(tok), (3, 10), generator=gen)
+            y = torch.randint(0, len(LABELS), (3, 10), generator=gen)
+            for engine in engines.values():
+                out = engine(input_ids=x, labels=y)
+                engine.backward(out.loss, scale_wrt_gas=False)
+                engine.step()
+        catch_up_rows(engines[True])
+        for sparse, engine in engines.items():
+            torch.save(
+                {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+                Path(out_dir) / f"{'sparse' if sparse else 'dense'}-rank{rank}.pt",
+            )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_sparse_embeddings_with_two_zero0_workers_keep_the_replicas_identical(tmp_path, monkeypatch):
+    # ZeRO-0 all-reduces the sparse gradient by gathering every rank's rows; each rank then applies
+    # the same update, so both replicas stay bit-identical, and close to dense AdamW's.
+    import socket
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sparse_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    sparse = [torch.load(tmp_path / f"sparse-rank{r}.pt") for r in (0, 1)]
+    dense = torch.load(tmp_path / "dense-rank0.pt")
+    for name, value in sparse[0].items():
+        assert torch.equal(value, sparse[1][name]), name
+        torch.testing.assert_close(value, dense[name], rtol=0, atol=2e-3, msg=name)
+
+
+def test_row_sparse_state_survives_a_checkpoint_with_its_dtypes():
+    dense, sparse = _twin_tables()
+    opt = _train_twins(dense, sparse, [[0, 1], [2], [0, 3]])
+    from raytag.trainer.engine import RowSparseAdamW
+
+    again = RowSparseAdamW(
+        sparse.parameters(), lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, fused=True
+    )
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    mine, theirs = opt.state[sparse.weight], again.state[sparse.weight]
+    assert theirs["row_step"].dtype == torch.int64 and theirs["step_coef"].dtype == torch.float64
+    for key, value in mine.items():
+        assert torch.equal(value, theirs[key]), key

@@ -1,8 +1,9 @@
 """bench/gpu.sh, rehearsed on the CPU: the tiny run completes and prints its figures.
 
 On a machine without a GPU the script says that it skips the wheel install and the gpu tests,
-then trains the demo's tiny model for a few steps in bf16 and prints the same figure lines
-as on a GPU (peak GPU memory: n/a). The full-size run refuses to start without a GPU, and a
+then trains the demo's tiny model for a few steps in bf16 at ZeRO-0 and ZeRO-2, and the Hugging
+Face Trainer recipe on the same data, and prints the same figure lines as on a GPU (peak GPU
+memory: n/a; MFU against the CPU's measured matmul peak). The full-size run refuses to start without a GPU, and a
 missing wheel folder is named with the script that fills it.
 """
 
@@ -54,28 +55,45 @@ def test_tiny_run_completes_and_prints_its_figures(tmp_path):
             in out
         )
     assert "gpu.sh: step 2: gpu tests skipped" in out
-    tokens_per_s = float(_figure(out, "train tokens/s"))
-    train_s = float(_figure(out, "train seconds"))
-    wall_s = float(_figure(out, "wall seconds (set-up, training, evaluation, checkpoint, export)"))
-    peak = _figure(out, "peak GPU memory")
-    assert tokens_per_s > 0 and 0 < train_s < wall_s
-    if torch.cuda.is_available():
-        assert re.fullmatch(r"[\d.]+ GiB allocated, [\d.]+ GiB reserved", peak), peak
-    else:
-        assert peak == "n/a (no GPU)"
-    assert re.search(r"^gpu\.sh: done: gpu tests skipped, run finished", out, re.MULTILINE), out
-
-    summary = json.loads((tmp_path / "out" / "gpu-summary.json").read_text())
-    assert summary["precision"] == "bf16" and summary["workers"] == 1
-    assert summary["model"] == "builtin:tiny-xlmr"
-    assert summary["global_steps"] == 4
-    assert summary["train_tokens_per_second"] == pytest.approx(tokens_per_s, rel=1e-3, abs=1)
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["global_steps"] == 4
-    assert results["provenance"]["config"]["train"]["precision"] == "bf16"
-    assert (tmp_path / "out" / "metrics.jsonl").is_file() and (tmp_path / "out" / "run.log").is_file()
-    # The run's folder (checkpoints, model) stays out of the figures' folder.
-    assert (tmp_path / "runs" / "runs" / "gpu-sh-tiny" / "model" / "model.safetensors").is_file()
+    for stage in ("ZeRO-0", "ZeRO-2"):
+        tokens_per_s = float(_figure(out, f"{stage}: train tokens/s"))
+        train_s = float(_figure(out, f"{stage}: train seconds"))
+        wall_s = float(
+            _figure(out, f"{stage}: wall seconds (set-up, training, evaluation, checkpoint, export)")
+        )
+        peak = _figure(out, f"{stage}: peak GPU memory")
+        mfu = _figure(out, f"{stage}: train MFU")
+        assert tokens_per_s > 0 and 0 < train_s < wall_s
+        assert re.match(r"[\d.]+% \(peak [\d.e+]+ FLOP/s: ", mfu), mfu
+        if torch.cuda.is_available():
+            assert re.fullmatch(r"[\d.]+ GiB allocated, [\d.]+ GiB reserved", peak), peak
+        else:
+            assert peak == "n/a (no GPU)"
+            assert "matmul measured at start" in mfu, mfu
+        summary = json.loads(
+            (tmp_path / "out" / f"gpu-summary-{stage.lower().replace('-', '')}.json").read_text()
+        )
+        assert summary["precision"] == "bf16" and summary["workers"] == 1
+        assert summary["model"] == "builtin:tiny-xlmr"
+        assert summary["global_steps"] == 4 and 0 < summary["train_mfu"] < 1
+        assert summary["train_tokens_per_second"] == pytest.approx(tokens_per_s, rel=1e-3, abs=1)
+    results = {z: json.loads((tmp_path / "out" / f"results-zero{z}.json").read_text()) for z in (0, 2)}
+    assert results[0]["global_steps"] == 4 and results[2]["global_steps"] == 4
+    assert results[0]["provenance"]["config"]["train"]["precision"] == "bf16"
+    assert results[2]["provenance"]["config"]["train"]["deepspeed"] == {"zero_optimization": {"stage": 2}}
+    assert (tmp_path / "out" / "metrics-zero0.jsonl").is_file() and (
+        tmp_path / "out" / "run-zero2.log"
+    ).is_file()
+    # The Hugging Face Trainer recipe on the same device, and raytag's speed over its.
+    assert float(_figure(out, "HF Trainer: train tokens/s")) > 0
+    assert 0 <= float(_figure(out, "HF Trainer: validation F1")) <= 1
+    assert float(_figure(out, "raytag/HF Trainer train tokens/s")) > 0
+    assert json.loads((tmp_path / "out" / "hf-summary.json").read_text())["train_steps"] == 4
+    assert re.search(
+        r"^gpu\.sh: done: gpu tests skipped, runs finished, HF Trainer finished", out, re.MULTILINE
+    ), out
+    # The runs' folders (checkpoints, model) stay out of the figures' folder.
+    assert (tmp_path / "runs" / "runs" / "gpu-sh-tiny-zero0" / "model" / "model.safetensors").is_file()
     assert not list((tmp_path / "out").rglob("*.safetensors"))
 
 

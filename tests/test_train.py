@@ -58,7 +58,9 @@ def test_two_zero2_steps_lower_the_loss(tmp_path, caplog):
     assert got[2] < got[1] - 0.05, got
 
 
-def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch):
+@pytest.mark.parametrize("embeddings", ["dense", "sparse"])
+def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch, embeddings):
+    # sparse: the rows' owed steps and per-step records travel in the optimizer state
     common = [
         "data.max_train_samples=96",
         "data.max_eval_samples=16",
@@ -67,6 +69,7 @@ def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch):
         "train.max_steps=4",
         "train.save_every=2",
         "train.log_every=1",
+        f"train.embedding_updates={embeddings}",
     ]
     run(tmp_path, "straight", *common)
     straight = losses(tmp_path / "straight")
@@ -166,6 +169,19 @@ def test_demo_learns_and_writes_every_output(demo_run):
             assert key in results[split]
     assert results["validation"]["f1"] > 0.4, results["validation"]["f1"]
     assert results["train_tokens_per_second"] > 0 and results["train_runtime_seconds"] > 0
+    # Model FLOPs: 6 x non-embedding parameters per real token, plus attention (at most 512 per token).
+    from raytag.trainer.flops import model_flops
+    from raytag.trainer.model import load_model, load_tokenizer
+
+    fl = model_flops(
+        load_model("builtin:tiny-xlmr", results["labels"], load_tokenizer("builtin:tiny-xlmr"), 0)
+    )
+    matmuls = 6 * fl.params * results["train_tokens"]
+    assert (
+        matmuls < results["train_flops"] < matmuls + 12 * fl.layers * fl.width * 512 * results["train_tokens"]
+    )
+    assert 0 < results["train_mfu"] < 1 and results["peak_flops_per_device"] > 0
+    assert "matmul measured" in results["peak_flops_source"] and results["devices"] == 1
     assert results["provenance"]["data"]["train"]["sha256"]
     assert set(results["validation"]["per_type"]) == {"LOC", "MISC", "ORG", "PER"}
     # predictions/<split>.txt: every evaluated word, `word gold pred`.
@@ -179,6 +195,8 @@ def test_demo_learns_and_writes_every_output(demo_run):
     assert all(len(ln.split(" ")) == 3 for ln in lines)
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("type") == "eval" for r in evals) and any(r.get("type") == "train" for r in evals)
+    for r in (r for r in evals if r.get("type") == "train"):
+        assert r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1, r
     # Checkpoints: complete ones only, each with its manifest.
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     assert ckpts and all((c / "MANIFEST.json").exists() for c in ckpts)
@@ -193,6 +211,7 @@ def test_model_card_is_filled_in(demo_run):
         "## Intended uses & limitations",
         "## Training and evaluation data",
         "### Training hyperparameters",
+        "### Speed",
         "### Training results",
         "### Framework versions",
     ):

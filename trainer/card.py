@@ -23,6 +23,7 @@ def render_card(
     versions: dict[str, str],
     best_step: int | None,
     language_hint: str | None = None,
+    speed: dict[str, Any] | None = None,
 ) -> str:
     """Markdown model card. `history` holds one evaluation record per epoch or eval step."""
     types = sorted({lab[2:] for lab in labels if lab != "O"})
@@ -93,6 +94,9 @@ def render_card(
     ]
     for k, v in hyperparameters.items():
         lines.append(f"| {k} | {v} |")
+    if speed:
+        lines += ["", "### Speed", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in speed.items()]
     lines += ["", "### Training results", ""]
     header = "| epoch | step | training loss | validation loss | precision | recall | F1 | accuracy |"
     lines += [header, "|---|---|---|---|---|---|---|---|"]

@@ -74,14 +74,25 @@ def load_tokenizer(name_or_path: str):
         raise OSError(f"model.name_or_path {name_or_path!r}: cannot load a tokenizer: {first}") from None
 
 
-def load_model(name_or_path: str, labels: list[str], tokenizer, seed: int, dropout: float | None = None):
-    """AutoModelForTokenClassification with our label names (a fresh head when they differ)."""
+def load_model(
+    name_or_path: str,
+    labels: list[str],
+    tokenizer,
+    seed: int,
+    dropout: float | None = None,
+    attention: str | None = None,
+):
+    """AutoModelForTokenClassification with our label names (a fresh head when they differ).
+
+    `attention`: transformers' `attn_implementation` (eager, sdpa); None: the library's default.
+    """
     import torch  # here, not at the top: data preparation's processes load tokenizers only
     from transformers import AutoConfig, AutoModelForTokenClassification, XLMRobertaConfig
 
     id2label = dict(enumerate(labels))
     label2id = {v: k for k, v in id2label.items()}
     extra: dict[str, Any] = {}
+    kernel: dict[str, Any] = {"attn_implementation": attention} if attention else {}
     if dropout is not None:
         extra = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     if name_or_path == TINY:
@@ -103,18 +114,18 @@ def load_model(name_or_path: str, labels: list[str], tokenizer, seed: int, dropo
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return AutoModelForTokenClassification.from_config(config)
+            return AutoModelForTokenClassification.from_config(config, **kernel)
     if random_base_tokenizer(name_or_path) is not None:
         config = xlmr_base_config(tokenizer, id2label=id2label, label2id=label2id, **extra)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return AutoModelForTokenClassification.from_config(config)
+            return AutoModelForTokenClassification.from_config(config, **kernel)
     try:
         config = AutoConfig.from_pretrained(name_or_path, id2label=id2label, label2id=label2id, **extra)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the new classifier head is initialised from the run's seed
             return AutoModelForTokenClassification.from_pretrained(
-                name_or_path, config=config, ignore_mismatched_sizes=True
+                name_or_path, config=config, ignore_mismatched_sizes=True, **kernel
             )
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -28,9 +28,28 @@ def load_exported(model_dir: str):
     if (path / "raytag.json").exists():
         meta = json.loads((path / "raytag.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir)
+    kernel = {"attn_implementation": meta["attention"]} if meta.get("attention") else {}
+    model = AutoModelForTokenClassification.from_pretrained(model_dir, **kernel)
     model.eval()
     return model, tokenizer, meta
+
+
+def inference_autocast(meta: dict, device: torch.device):
+    """bf16 autocast when the run evaluated in bf16 and this device computes bf16 natively, else none.
+
+    The run's own evaluation used it, so the same windows then score exactly as in results.json.
+    """
+    from contextlib import nullcontext
+
+    from .engine import cpu_has_bf16
+
+    if meta.get("precision") != "bf16":
+        return nullcontext()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def read_input(path: str, fmt: str) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]] | None]:
@@ -72,7 +91,8 @@ def predict(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    preds, _, _ = predict_windows(model, enc, pad_id, device, batch_tokens)
+    with inference_autocast(meta, device):
+        preds, _, _ = predict_windows(model, enc, pad_id, device, batch_tokens)
     per_sentence = stitch(enc, [preds[i] for i in range(len(enc.windows))])
     pred_tags = [[id2label[int(t)] for t in arr] for arr in per_sentence]
     out = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")

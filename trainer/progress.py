@@ -29,6 +29,7 @@ class TrainingProgress:
     epoch_loss: float = 0.0  # summed token loss since the last evaluation
     epoch_labelled: int = 0
     train_seconds: float = 0.0
+    train_flops: float = 0.0  # model FLOPs of training (trainer/flops.py), all ranks
     best_f1: float | None = None
     best_step: int | None = None
     best_metrics: dict[str, Any] = field(default_factory=dict)
