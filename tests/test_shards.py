@@ -189,6 +189,28 @@ def test_the_plan_gives_each_rank_its_own_shards_and_equal_steps(tmp_path, block
     assert plan_epoch(p, {}, 384, 256, 3, 1, 1, 0, 1)[0] != plan_epoch(p, {}, 384, 256, 3, 0, 1, 0, 1)[0]
 
 
+def test_a_lanes_batches_mix_its_shards_and_each_shard_is_read_once(tmp_path, blocks, monkeypatch):
+    # A shard is a contiguous slice of the corpus (a document's sentences): batched alone, it would
+    # fill several steps in a row. Within MIX_WINDOWS, a lane's shards are batched together.
+    import raytag.trainer.shards as shards
+
+    p = prepare(spec(tmp_path, str(write(tmp_path / "a.conll", blocks))), "tok")
+    plan, mine = plan_epoch(p, {}, 256, 8, 3, 0, 1, 0, 1)
+    first = [{int(p.shard_of[i]) for i in step[0]} for step in plan.steps[:4]]
+    assert max(len(s) for s in first) > 1, first  # sentences of several shards in one batch
+    assert len(set().union(*first)) > 2, first
+    # With groups of about two shards, the steps move through the shards group by group, and a
+    # reader that keeps two groups loads every shard once.
+    monkeypatch.setattr(shards, "MIX_WINDOWS", 2 * max(p.shard_windows(k) for k in range(p.num_shards)))
+    plan, mine = plan_epoch(p, {}, 256, 8, 3, 0, 1, 0, 1)
+    reader = ShardReader(p, _store(tmp_path), 0, lanes=1)
+    for step in plan.steps:
+        reader.windows(step[0])
+    assert sorted(k for _, k in reader.opened) == sorted(mine) == list(range(p.num_shards))
+    seen = [{int(p.shard_of[i]) for i in step[0]} for step in plan.steps]
+    assert all(len(s) <= 3 for s in seen)  # a group's shards only (about two)
+
+
 def test_mixture_weights_draw_shards_per_epoch(tmp_path, blocks):
     en = write(tmp_path / "en.conll", blocks[:200])
     es = write(tmp_path / "es.conll", blocks[200:])

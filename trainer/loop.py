@@ -199,7 +199,7 @@ def train_loop(
             return plan
 
         reader = ShardReader(
-            data.train, storage_of(cfg), group.rank, keep=accum + 1, retry_budget_s=rc.storage_retry_seconds
+            data.train, storage_of(cfg), group.rank, lanes=accum, retry_budget_s=rc.storage_retry_seconds
         )
 
         steps_per_epoch = len(epoch_plan(0).steps)
