@@ -51,8 +51,9 @@ def step_worker(mode: str, precision: str, batch: int, steps: int) -> dict:
     labels = sorted({t for _, tags in sentences for t in tags})
     model = load_model(str(quality.ENCODER), labels, tok, seed=0, attention="eager")
     prec = resolve_precision(precision, False)
-    spec = EngineSpec(2e-4, 0.01, (0.9, 0.999), 1e-8, 1000, 10, 0, prec, 1, 1.0, 1, {})
-    spec = EngineSpec(**{**spec.__dict__, "sparse_embeddings": mode == "sparse"})
+    spec = EngineSpec(
+        2e-4, 0.01, (0.9, 0.999), 1e-8, 1000, 10, 0, prec, 1, 1.0, 1, {}, sparse_embeddings=mode == "sparse"
+    )
     engine = build_engine(model, spec)
     label_id = {t: i for i, t in enumerate(labels)}
     step_s, opt_s = [], []

@@ -16,6 +16,14 @@ pytestmark = pytest.mark.slow  # builds DeepSpeed engines (and the process group
 LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 
 
+def _train_step(engine, x: torch.Tensor, y: torch.Tensor):
+    """One forward, backward and optimizer step of `engine` on (x, y); returns the model's output."""
+    out = engine(input_ids=x, labels=y)
+    engine.backward(out.loss, scale_wrt_gas=False)
+    engine.step()
+    return out
+
+
 def test_one_worker_skips_the_identity_allreduce_and_trains_identically():
     tok = load_tokenizer("builtin:tiny-xlmr")
     model = load_model("builtin:tiny-xlmr", LABELS, tok, seed=0, dropout=0.0)  # same steps on both
@@ -38,9 +46,7 @@ def test_one_worker_skips_the_identity_allreduce_and_trains_identically():
         x = torch.randint(5, len(tok), (4, 12), generator=gen)
         y = torch.randint(0, len(LABELS), (4, 12), generator=gen)
         for engine in (fast, reference):
-            out = engine(input_ids=x, labels=y)
-            engine.backward(out.loss, scale_wrt_gas=False)
-            engine.step()
+            _train_step(engine, x, y)
     assert calls == {"fast": 0, "reference": 3}
     for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b), name
@@ -87,10 +93,8 @@ def test_cpu_bf16_trains_with_fp32_weights_and_bf16_matmuls():
     y = torch.randint(0, len(LABELS), (4, 12), generator=gen)
     losses = []
     for _ in range(15):
-        out = engine(input_ids=x, labels=y)
+        out = _train_step(engine, x, y)
         assert out.logits.dtype == torch.bfloat16  # the classifier's matmul ran in bf16
-        engine.backward(out.loss, scale_wrt_gas=False)
-        engine.step()
         losses.append(float(out.loss.detach()))
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())
     assert losses[-1] < 0.5 * losses[0], losses
@@ -192,9 +196,7 @@ def test_sparse_embeddings_through_the_engine_clip_as_dense_and_keep_the_other_w
     x = torch.randint(5, len(tok), (4, 12), generator=gen)
     y = torch.randint(0, len(LABELS), (4, 12), generator=gen)
     for engine in (sparse, dense):
-        out = engine(input_ids=x, labels=y)
-        engine.backward(out.loss, scale_wrt_gas=False)
-        engine.step()
+        _train_step(engine, x, y)
     # One step from the same state: the clipped norm and every non-embedding weight are the same.
     assert sparse.get_global_grad_norm() == pytest.approx(dense.get_global_grad_norm(), rel=1e-5)
     assert sparse.get_global_grad_norm() > 0.05
@@ -227,9 +229,7 @@ def _sparse_rank(rank: int, world: int, port: int, out_dir: str) -> None:
             x = torch.randint(5, len(tok), (3, 10), generator=gen)
             y = torch.randint(0, len(LABELS), (3, 10), generator=gen)
             for engine in engines.values():
-                out = engine(input_ids=x, labels=y)
-                engine.backward(out.loss, scale_wrt_gas=False)
-                engine.step()
+                _train_step(engine, x, y)
         catch_up_rows(engines[True])
         for sparse, engine in engines.items():
             torch.save(

@@ -38,7 +38,12 @@ class EngineSpec:
     world_size: int
     extra: dict[str, Any]
     on_gpu: bool = False  # bf16 on a CPU is DeepSpeed's torch_autocast (fp32 weights), not its bf16 mode
-    sparse_embeddings: bool = False  # row-sparse word-embedding gradients and lazy AdamW rows (ZeRO-0)
+    sparse_embeddings: bool = False  # row-sparse word-embedding gradients, RowSparseAdamW (ZeRO-0)
+
+    @property
+    def cpu_autocast(self) -> bool:
+        """bf16 on a CPU: DeepSpeed's torch_autocast (fp32 weights and optimizer, bf16 matmuls)."""
+        return self.precision == "bf16" and not self.on_gpu
 
 
 def cpu_has_bf16() -> bool:
@@ -85,20 +90,19 @@ def deepspeed_config(spec: EngineSpec) -> dict[str, Any]:
     step of 42 sentences: fp32 0.85 s, DeepSpeed's bf16 mode 0.73 s (its optimizer's extra fp32
     copies cost 0.34 s a step), torch_autocast 0.40 s.
     """
-    cpu_autocast = spec.precision == "bf16" and not spec.on_gpu
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,  # nominal: raytag feeds token-budget batches itself
         "gradient_accumulation_steps": spec.accumulation,
         "train_batch_size": spec.accumulation * spec.world_size,
         "gradient_clipping": spec.max_grad_norm,
         "zero_optimization": {"stage": spec.zero_stage},
-        "bf16": {"enabled": spec.precision == "bf16" and not cpu_autocast},
+        "bf16": {"enabled": spec.precision == "bf16" and not spec.cpu_autocast},
         "fp16": {"enabled": spec.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cpu_autocast:
+    if spec.cpu_autocast:
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     # Sparse embedding gradients need no key: ZeRO-0's all-reduce gathers a sparse gradient's rows
     # (DeepSpeed removed the old `sparse_gradients` flag, which compressed dense ones).
@@ -388,8 +392,8 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec, device_rank: int | No
         optimizer = adamw(
             groups, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps, fused=spec.precision != "fp16"
         )
-        if isinstance(optimizer, RowSparseAdamW) and spec.world_size == 1:
-            settle_before_lookup(sparse_embedding_table(model), optimizer)  # type: ignore[arg-type]
+        if spec.sparse_embeddings and spec.world_size == 1:
+            settle_before_lookup(table, optimizer)  # type: ignore[arg-type]
         if "scheduler" not in ds_config:
             scheduler = get_linear_schedule_with_warmup(optimizer, spec.warmup_steps, spec.total_steps)
     args = SimpleNamespace(device_rank=device_rank) if device_rank is not None else None

@@ -93,7 +93,6 @@ class Session:
     batch_tokens: int  # train.batch_tokens as resolved (`auto` -> a number)
     clock: Clock  # rank 0 decides when a time-based checkpoint is due
     reader: ShardReader  # this rank's training shards
-    attention: str  # the attention kernel the model runs (model.attention resolved)
     flops: ModelFlops  # what a window's training FLOPs depend on
     peak: Peak  # one device's peak FLOP/s in this run's precision (rank 0's, the same on every rank)
 
@@ -290,9 +289,9 @@ def train_loop(
                 steps_per_epoch,
                 len(data.labels),
                 spec.precision,
-                " (autocast, fp32 weights)" if spec.precision == "bf16" and not spec.on_gpu else "",
+                " (autocast, fp32 weights)" if spec.cpu_autocast else "",
                 attention,
-                "sparse (lazy AdamW rows)" if spec.sparse_embeddings else "dense",
+                "sparse (RowSparseAdamW)" if spec.sparse_embeddings else "dense",
                 spec.zero_stage,
                 world,
                 run.uri,
@@ -323,7 +322,6 @@ def train_loop(
             batch_tokens,
             clock,
             reader,
-            attention,
             model_flops(engine.module),
             peak,
         )
@@ -536,7 +534,7 @@ def attention_kernel(setting: str, spec: EngineSpec) -> str:
     """
     if setting != "auto":
         return setting
-    return "eager" if spec.precision == "bf16" and not spec.on_gpu else "sdpa"
+    return "eager" if spec.cpu_autocast else "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,22 +783,34 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
             res.pred_tags,
         )
         run.publish(f"predictions/{name}.txt")
+    train_seconds = progress.train_seconds
+    tokens_per_second = progress.tokens_seen / max(1e-9, train_seconds)
+    utilisation = mfu(progress.train_flops / max(1e-9, train_seconds), s.peak, dist.world())
+    speed = {
+        "training time (optimizer steps, this attempt and any it resumed)": f"{train_seconds:.1f} s",
+        "real (non-pad) tokens per second, all workers": f"{tokens_per_second:,.0f}",
+        "model FLOPs (6 x non-embedding parameters x tokens + attention)": f"{progress.train_flops:.3g}",
+        "model FLOP utilisation (MFU)": "n/a" if utilisation is None else f"{100 * utilisation:.2f}%",
+        "peak per device": f"{s.peak.flops:.3g} FLOP/s ({s.peak.source})" if s.peak.flops else s.peak.source,
+        "devices": dist.world(),
+    }
     export_model(
         s.engine.module,
         sd,
         data.tokenizer,
         run.workdir / "model",
-        _export_meta(data.labels, cfg.model, model_from, s.spec, s.attention),
-        _card(cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results, train, s.peak),
+        _export_meta(
+            data.labels, cfg.model, model_from, s.spec, attention_kernel(cfg.model.attention, s.spec)
+        ),
+        _card(cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results, train, speed),
     )
     run.publish("model")
-    train_seconds = progress.train_seconds
     out = {
         **results,
         "train_runtime_seconds": round(train_seconds, 3),
-        "train_tokens_per_second": progress.tokens_seen / max(1e-9, train_seconds),
+        "train_tokens_per_second": tokens_per_second,
         "train_flops": progress.train_flops,  # model FLOPs (trainer/flops.py), all workers
-        "train_mfu": _round(mfu(progress.train_flops / max(1e-9, train_seconds), s.peak, dist.world())),
+        "train_mfu": _round(utilisation),
         "peak_flops_per_device": s.peak.flops,
         "peak_flops_source": s.peak.source,
         "devices": dist.world(),
@@ -1083,19 +1093,9 @@ def _card(
     progress: TrainingProgress,
     results,
     train: dict[str, Any],
-    peak: Peak,
+    speed: dict[str, Any],
 ) -> str:
     tc = cfg.train
-    seconds = max(1e-9, progress.train_seconds)
-    utilisation = mfu(progress.train_flops / seconds, peak, dist.world())
-    speed = {
-        "training time (optimizer steps, this attempt and any it resumed)": f"{progress.train_seconds:.1f} s",
-        "real (non-pad) tokens per second, all workers": f"{progress.tokens_seen / seconds:,.0f}",
-        "model FLOPs (6 x non-embedding parameters x tokens + attention)": f"{progress.train_flops:.3g}",
-        "model FLOP utilisation (MFU)": "n/a" if utilisation is None else f"{100 * utilisation:.2f}%",
-        "peak per device": f"{peak.flops:.3g} FLOP/s ({peak.source})" if peak.flops else peak.source,
-        "devices": dist.world(),
-    }
     hyper = {
         "learning_rate": tc.learning_rate,
         "epochs": tc.epochs,
@@ -1110,8 +1110,8 @@ def _card(
         "max_grad_norm": tc.max_grad_norm,
         "zero_stage": spec.zero_stage,  # as run (one worker runs ZeRO-0)
         "precision": spec.precision
-        + (" (autocast: fp32 weights, bf16 matmuls)" if spec.precision == "bf16" and not spec.on_gpu else ""),
-        "word-embedding updates": "sparse (lazy AdamW over the rows a step touched)"
+        + (" (autocast: fp32 weights, bf16 matmuls)" if spec.cpu_autocast else ""),
+        "word-embedding updates": "sparse (AdamW over the rows a step touched, missed steps caught up)"
         if spec.sparse_embeddings
         else "dense",
         "seed": tc.seed,
