@@ -41,6 +41,40 @@ def kill_training_at_micro_batch(monkeypatch: pytest.MonkeyPatch, n: int) -> Cal
     return lambda: monkeypatch.setattr(loop, "collate", real)
 
 
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files under `logdir` (a folder or s3:// URI), read by TensorBoard's
+    own loader (which applies a resumed writer's purge): tag -> [(step, value), ...] in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_tensorboard_matches_metrics(logdir, records: list[dict]) -> None:
+    """Each scalar of metrics.jsonl's records is in TensorBoard once per logged step, with its value."""
+    scalars = tensorboard_scalars(logdir)
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r["type"] == "train":
+            pairs = {
+                f"train/{k}": r[k]
+                for k in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch")
+            }
+        else:
+            pairs = {f"{r['split']}/{k}": r[k] for k in ("f1", "precision", "recall", "accuracy", "loss")}
+            for t, m in r["per_type"].items():
+                pairs.update({f"{r['split']}/{t}/{k}": m[k] for k in ("f1", "precision", "recall")})
+        for tag, value in pairs.items():
+            if value is not None:
+                expected.setdefault(tag, []).append((r["step"], value))
+    assert set(scalars) == set(expected), sorted(set(scalars) ^ set(expected))
+    for tag, points in expected.items():
+        got = scalars[tag]
+        assert [s for s, _ in got] == [s for s, _ in points], (tag, got, points)
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
+
+
 # --------------------------------------------------------------------------- Ray jobs of the tests
 
 # The small demo run the Ray tests share: 200 sentences, 6 steps, a checkpoint every 3.

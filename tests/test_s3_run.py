@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from raytag.trainer.config import load_config, to_dict
-from tests.helpers import RUN_OUTPUTS, kill_training_at_micro_batch
+from tests.helpers import RUN_OUTPUTS, assert_tensorboard_matches_metrics, kill_training_at_micro_batch
 from tests.s3_server import S3TestServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,14 @@ def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(aws,
         if json.loads(x)["type"] == "train"
     ]
     assert steps_logged == [1, 2, 3, 4, 5, 6]  # history kept across machines, each step once
+    # TensorBoard's event files are in the bucket, one per attempt, and TensorBoard reads them there
+    events = [k for k in after if k.startswith("tensorboard/events.out.tfevents.")]
+    assert len(events) == 2, after
+    monkeypatch.setenv(
+        "S3_ENDPOINT", aws.endpoint_url
+    )  # TensorBoard's S3 reader takes its endpoint from here
+    records = [json.loads(x) for x in get(aws, bucket, "team/runs/r1/metrics.jsonl").decode().splitlines()]
+    assert_tensorboard_matches_metrics(f"s3://{bucket}/team/runs/r1/tensorboard", records)
     results = json.loads(get(aws, bucket, "team/runs/r1/results.json"))
     assert results["resumed_from"] == "step-00000004"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in get(aws, bucket, "team/runs/r1/config.yaml").decode()

@@ -13,7 +13,7 @@ import torch
 
 from raytag.trainer.config import load_config, to_dict
 from raytag.trainer.loop import train_loop
-from tests.helpers import RUN_OUTPUTS, kill_training_at_micro_batch
+from tests.helpers import RUN_OUTPUTS, assert_tensorboard_matches_metrics, kill_training_at_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -26,13 +26,12 @@ def run(tmp: Path, name: str, *overrides: str) -> dict:
     return train_loop(to_dict(cfg))
 
 
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
+    return {rec["step"]: rec["loss"] for rec in records(run_dir) if rec.get("type") == "train"}
 
 
 def test_two_zero2_steps_lower_the_loss(tmp_path, caplog):
@@ -75,11 +74,12 @@ def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch, embeddings):
     straight = losses(tmp_path / "straight")
     assert sorted(straight) == [1, 2, 3, 4]
 
-    # The same run, killed during step 3 (after the step-2 checkpoint) ...
-    restore = kill_training_at_micro_batch(monkeypatch, 3)
+    # The same run, killed during step 4 (step 3 logged after the step-2 checkpoint) ...
+    restore = kill_training_at_micro_batch(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "resumed", *common)
     restore()
+    assert sorted(losses(tmp_path / "resumed")) == [1, 2, 3]
     assert not (tmp_path / "resumed" / "results.json").exists()
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-00000002"]
 
@@ -88,6 +88,9 @@ def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch, embeddings):
     assert res["resumed_from"] == "step-00000002"
     resumed = losses(tmp_path / "resumed")
     assert sorted(resumed) == [1, 2, 3, 4]  # steps 1-2 kept from the first attempt, 3-4 trained now
+    # TensorBoard too: step 3 of the first attempt is purged by the second attempt's writer
+    assert len(list((tmp_path / "resumed" / "tensorboard").iterdir())) == 2
+    assert_tensorboard_matches_metrics(tmp_path / "resumed" / "tensorboard", records(tmp_path / "resumed"))
     torch.testing.assert_close(
         torch.tensor([resumed[s] for s in (1, 2, 3, 4)]),
         torch.tensor([straight[s] for s in (1, 2, 3, 4)]),
@@ -197,6 +200,8 @@ def test_demo_learns_and_writes_every_output(demo_run):
     assert any(r.get("type") == "eval" for r in evals) and any(r.get("type") == "train" for r in evals)
     for r in (r for r in evals if r.get("type") == "train"):
         assert r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1, r
+    # TensorBoard: every scalar of metrics.jsonl, one point per logged step, read by its own loader
+    assert_tensorboard_matches_metrics(run_dir / "tensorboard", evals)
     # Checkpoints: complete ones only, each with its manifest.
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     assert ckpts and all((c / "MANIFEST.json").exists() for c in ckpts)

@@ -154,6 +154,9 @@ class RunConfig:
     checkpoint at the next step boundary and finish its upload before it exits anyway (status 75);
     if that runs out, the last complete checkpoint stands. Keep it under the platform's notice
     (Kubernetes: terminationGracePeriodSeconds, 30 s by default; Ray jobs: RAY_JOB_STOP_WAIT_TIME_S)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files of the metrics to <run>/tensorboard/ (rank 0), synced with the
+    run's other files: `tensorboard --logdir <run.storage>/<run.name>/tensorboard` (s3:// too)."""
     owner: str | None = None
     """Set automatically: the id of the job writing the run (a second live job is refused)."""
 

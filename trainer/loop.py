@@ -153,6 +153,7 @@ def train_loop(
         retry_budget_s=rc.storage_retry_seconds,
     )
     success = False
+    metrics: MetricsLog | None = None
     try:
         finished = run.read_json("results.json") if run.finished and not rc.new_run else None
         if finished is not None and not _lengthened(cfg, finished):
@@ -267,13 +268,14 @@ def train_loop(
                 else:  # a checkpoint from before raytag kept them there
                     run.get_file("metrics.jsonl")
 
-        metrics = None
         if group.rank == 0:  # rank 0 alone writes the run's files (ranks may share the working folder)
             metrics = MetricsLog(
-                run.workdir / "metrics.jsonl", progress.global_step if resumed_from else None
+                run.workdir / "metrics.jsonl",
+                progress.global_step if resumed_from else None,
+                tensorboard=rc.tensorboard,
             )
             if resumed_from:
-                run.publish("metrics.jsonl")  # the bucket's copy may lag the checkpoint's (a failed upload)
+                publish_metrics(run, metrics)  # the bucket's copy may lag the checkpoint's (a failed upload)
             (run.workdir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
             write_json(run.workdir / "labels.json", data.labels)
             run.publish("config.yaml")
@@ -386,6 +388,8 @@ def train_loop(
         return results if group.rank == 0 else None
     finally:
         STOP.done()  # a stop request that came during the final scoring: the run finished anyway
+        if metrics is not None:
+            metrics.close()
         run.close(success)
 
 
@@ -628,9 +632,15 @@ def _log_train(s: Session, window: _Window, progress: TrainingProgress, epoch_f:
                 "mfu": _round(mfu(window.flops / seconds, s.peak, dist.world())),
             }
         )
-        s.run.publish("metrics.jsonl")
+        publish_metrics(s.run, s.metrics)
     s.view.update(progress.global_step, mean_loss, tok_s, lr)
     window.reset()
+
+
+def publish_metrics(run, metrics: MetricsLog) -> None:
+    """Mirror metrics.jsonl and the TensorBoard event file to the run's storage (in the background)."""
+    for rel in metrics.files():
+        run.publish(rel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,7 +679,7 @@ def evaluate_and_save(s: Session, progress: TrainingProgress, epoch_f: float) ->
                     **res.metrics,
                 }
             )
-            s.run.publish("metrics.jsonl")
+            publish_metrics(s.run, s.metrics)
         s.view.write(
             f"eval {name} step {progress.global_step}: F1 {res.metrics['f1']:.4f} "
             f"P {res.metrics['precision']:.4f} R {res.metrics['recall']:.4f} loss {res.metrics['loss']:.4f}"

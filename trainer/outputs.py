@@ -83,10 +83,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step and per evaluation, appended as they happen."""
+    """metrics.jsonl: one JSON object per logged step and per evaluation, appended as they happen,
+    and the same records as TensorBoard scalars under tensorboard/ when `tensorboard` is set.
 
-    def __init__(self, path: Path, resume_step: int | None):
+    `files()` names what changed for the run's storage to mirror after each write.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = False):
         self.path = path
+        self.tensorboard = TensorBoardLog(path.parent / "tensorboard", resume_step) if tensorboard else None
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             path.write_text("")
@@ -104,6 +109,64 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def files(self) -> list[str]:
+        """The files `write` changes, relative to the run folder."""
+        out = [self.path.name]
+        if self.tensorboard is not None and self.tensorboard.file is not None:
+            out.append(f"tensorboard/{self.tensorboard.file.name}")
+        return out
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class TensorBoardLog:
+    """tensorboard/: the records of metrics.jsonl as TensorBoard scalars, one point per logged step.
+
+    Tags follow the Hugging Face Trainer's: `train/loss`, `train/learning_rate`, `train/grad_norm`,
+    `train/tokens_per_second`, `train/mfu`, `train/epoch`; each evaluation set under its own name
+    (`validation/f1`, `validation/loss`, ..., `validation/PER/f1`). A resumed run's writer starts
+    with a purge at the step after its checkpoint, so TensorBoard drops the points the earlier
+    attempt logged past it (they are redone), as metrics.jsonl does.
+    """
+
+    TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch")
+    EVAL_KEYS = ("f1", "precision", "recall", "accuracy", "loss")
+
+    def __init__(self, logdir: Path, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        before = set(logdir.iterdir())
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(logdir), purge_step=purge, flush_secs=3600)
+        self.writer.flush()  # creates the event file now, so its name is known
+        made = sorted(set(logdir.iterdir()) - before)
+        self.file = made[-1] if made else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        step, walltime = int(record["step"]), record.get("time")
+        scalars: dict[str, Any] = {}
+        if record.get("type") == "train":
+            scalars = {f"train/{k}": record.get(k) for k in self.TRAIN_KEYS}
+        elif record.get("type") == "eval":
+            split = record["split"]
+            scalars = {f"{split}/{k}": record.get(k) for k in self.EVAL_KEYS}
+            for entity_type, m in sorted((record.get("per_type") or {}).items()):
+                scalars.update(
+                    {f"{split}/{entity_type}/{k}": m.get(k) for k in ("f1", "precision", "recall")}
+                )
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(tag, float(value), step, walltime=walltime)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def write_predictions(path: Path, words, gold, pred) -> None:
