@@ -21,7 +21,8 @@ DEMO_CONFIG = "builtin:demo.yaml"
 
 USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
        python trainer/main.py prepare [--config FILE] [--rebuild] [--executor E] [dotted.key=value ...]
-       python trainer/main.py predict --model DIR --input FILE [--format conll|text] [--output FILE]"""
+       python trainer/main.py predict --model DIR --input FILE [--format conll|text] [--output FILE]
+       python trainer/main.py sweep [--config FILE] [--samples N] sweep.KEY=[v1,v2,...] [dotted.key=value ...]"""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -103,6 +104,39 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", default="-", help="where to write `word [gold] predicted` columns (default stdout)"
     )
+    return p
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer/main.py sweep",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="One raytag run per point of a search space, as Ray Tune trials (on the cluster of "
+        "`ray job submit` / RAY_ADDRESS, or a local Ray). Trial i is the run <run.storage>/<run.name>/"
+        "trial-NNN; the table goes to <run.name>/sweep.md and sweep.json, and to stdout. Running the same "
+        "command again reads the finished trials instead of training them again.",
+        epilog="search space:\n"
+        "  sweep.KEY=[a,b,c]            grid values of config key KEY (e.g. sweep.train.learning_rate=[1e-5,3e-5])\n"
+        "  sweep.KEY=loguniform(lo,hi)  sampled --samples times per grid point; also uniform, randint,\n"
+        "                               lograndint, choice(a,b,...) (Ray Tune's distributions)",
+    )
+    p.add_argument("--config", help="YAML config file (default: the built-in demo config)")
+    p.add_argument(
+        "--samples", type=int, default=1, help="draws of the sampled axes per grid point (default 1)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampled points (default: train.seed)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: as the cluster's CPUs/GPUs allow)",
+    )
+    p.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="stop the trials whose validation F1 falls behind, at each evaluation (Ray Tune's ASHA)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="sweep.key=SPACE | key=value", help="axes and overrides")
     return p
 
 
@@ -191,6 +225,20 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(resolve_config_path(args.config), args.overrides)
             print(prepare_only(cfg, rebuild=args.rebuild, executor=args.executor))
             return 0
+        if argv and argv[0] == "sweep":
+            args = sweep_parser().parse_args(argv[1:])
+            from .sweep import run_sweep, table
+
+            record = run_sweep(
+                resolve_config_path(args.config),
+                args.overrides,
+                args.samples,
+                args.seed,
+                args.max_concurrent,
+                args.early_stop,
+            )
+            sys.stdout.write(table(record))
+            return 0 if record["best"] else 1
         args = build_parser().parse_args(argv)
         cfg = load_config(resolve_config_path(args.config), args.overrides)
         if args.print_config:
