@@ -9,7 +9,7 @@ from typing import Any
 import conlleval
 import pytest
 
-from raytag.trainer.scoring import score, write_conlleval_file
+from raytag.trainer.scoring import chunks, score, write_conlleval_file
 
 Tags = list[list[str]]
 
@@ -252,3 +252,47 @@ def test_write_conlleval_file_checks_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"sentence 0: tag 'B-A B'"):
         write_conlleval_file(tmp_path / "x.txt", [["a"]], [["B-A B"]], [["O"]])
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_chunks_are_the_chunks_score_counts() -> None:
+    """`chunks` (predict's entity decoder) finds exactly the chunks `score` counts: their number and
+    types for any tags, and their spans for typed IOB2/IOBES tags, where a chunk is correct exactly
+    when gold and prediction have it with the same span and type; and IOB2 spans equal seqeval's."""
+    from collections import Counter
+
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rng = random.Random(7)
+    iob2 = ["O"] + [f"{p}-{t}" for p in "BI" for t in ("PER", "ORG", "LOC")]
+    iobes = iob2 + [f"{p}-{t}" for p in "ES" for t in ("PER", "ORG")]
+    odd = iobes + ["B", "I", "[", "]", ".-X", "B-0"]
+    for alphabet in (iob2, iobes, odd):
+        for _ in range(1500):
+            gold = [[rng.choice(alphabet) for _ in range(rng.randint(0, 9))] for _ in range(3)]
+            pred = [[rng.choice(alphabet) for _ in sentence] for sentence in gold]
+            s = score(gold, pred)
+            found = [chunks(sentence) for sentence in pred]
+            assert sum(map(len, found)) == s["num_pred"], pred
+            typed = Counter(t for sentence in found for t, _, _ in sentence if t)
+            assert typed == Counter({t: v["predicted"] for t, v in s["per_type"].items() if v["predicted"]})
+            for sentence in found:
+                assert all(0 <= a < b for _, a, b in sentence)
+                assert all(b1 <= a2 for (_, _, b1), (_, a2, _) in zip(sentence, sentence[1:], strict=False))
+            if alphabet is odd:
+                continue  # conlleval's correct-chunk state machine has its own quirks on bracket tags
+            both = sum(len(set(chunks(g)) & set(chunks(p))) for g, p in zip(gold, pred, strict=True))
+            assert both == s["num_correct"], (gold, pred)
+            if alphabet is iob2:
+                for sentence in pred:
+                    assert chunks(sentence) == [(t, a, b + 1) for t, a, b in get_entities(sentence)]
+
+
+def test_chunks_examples() -> None:
+    assert chunks(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG", "I-ORG", "O"]) == [
+        ("PER", 0, 2),
+        ("LOC", 3, 4),
+        ("LOC", 4, 5),
+        ("ORG", 5, 7),  # a stray I- starts a chunk, as conlleval reads it
+    ]
+    assert chunks([]) == [] and chunks(["O", "O"]) == []
+    assert chunks(["I-MISC"]) == [("MISC", 0, 1)]

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import TypedDict
 
-__all__ = ["Scores", "TypeScores", "score", "write_conlleval_file"]
+__all__ = ["Scores", "TypeScores", "chunks", "score", "write_conlleval_file"]
 
 # conlleval's sentence boundary marker in the first column (its -X- convention).
 _BOUNDARY_WORD = "-X-"
@@ -166,6 +166,32 @@ def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> Score
         "num_correct": num_correct,
         "num_tokens": tokens,
     }
+
+
+def chunks(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The chunks (entities) of one sentence's tags, as :func:`score` counts them: ``(type, start, end)``
+    with ``tags[start:end]`` the chunk's tokens, in order.
+
+    The same ``startOfChunk``/``endOfChunk`` rules, so predicted entities are exactly the chunks that the
+    scores count (``num_pred``, ``per_type[t]["predicted"]``). A chunk without a type has type ``""``.
+
+    Raises:
+        ValueError: a tag is empty or contains whitespace.
+    """
+    found: list[tuple[str, int, int]] = []
+    open_at, open_type = -1, ""
+    last, last_type = _OUTSIDE
+    for i, tag in enumerate([*tags, None]):  # None: the sentence boundary, which ends any chunk
+        cur, cur_type = _OUTSIDE if tag is None else _split_tag(tag, 0)
+        if open_at >= 0 and _end_of_chunk(last, cur, last_type, cur_type):
+            found.append((open_type, open_at, i))
+            open_at = -1
+        if tag is not None and _start_of_chunk(last, cur, last_type, cur_type):
+            if open_at >= 0:  # a start the rules do not pair with an end: the open chunk ends here
+                found.append((open_type, open_at, i))
+            open_at, open_type = i, cur_type
+        last, last_type = cur, cur_type
+    return found
 
 
 def write_conlleval_file(
