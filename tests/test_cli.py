@@ -40,6 +40,18 @@ def test_help_lists_keys():
         assert key in r.stdout
 
 
+def test_predict_entities_of_conll_input_is_a_one_line_error(tmp_path):
+    src = tmp_path / "in.conll"
+    src.write_text("Siemens\n.\n", encoding="utf-8")
+    # Refused before any model is loaded: the folder need not exist.
+    r = cli(
+        "predict", "--model", str(tmp_path / "nomodel"), "--input", str(src), "--output-format", "entities"
+    )
+    assert_one_line_error(r, "--output-format entities needs --format text")
+    r = cli("predict", "--help")
+    assert r.returncode == 0 and "--output-format" in r.stdout and '"start"' in r.stdout
+
+
 def test_unknown_key_suggests_closest(tmp_path):
     r = cli("--config", "configs/demo.yaml", "train.learnig_rate=1e-3", f"run.storage={tmp_path}")
     assert_one_line_error(r, "unknown key 'train.learnig_rate'", "did you mean 'train.learning_rate'")

@@ -21,7 +21,8 @@ DEMO_CONFIG = "builtin:demo.yaml"
 
 USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
        python trainer/main.py prepare [--config FILE] [--rebuild] [--executor E] [dotted.key=value ...]
-       python trainer/main.py predict --model DIR --input FILE [--format conll|text] [--output FILE]
+       python trainer/main.py predict --model DIR --input FILE [--format conll|text]
+                                      [--output-format conll|entities] [--output FILE]
        python trainer/main.py sweep [--config FILE] [--samples N] sweep.KEY=[v1,v2,...] [dotted.key=value ...]"""
 
 
@@ -31,6 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raytag.launcher.ray_launcher import LaunchError
 
     from .conll import ConllError
+    from .predict import PredictError
     from .shards import ShardError
 
     return (
@@ -40,6 +42,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CheckpointUploadError,
         LaunchError,
         ShardError,
+        PredictError,
         OSError,  # files and model folders that cannot be read (FileNotFoundError included)
     )
 
@@ -88,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="trainer/main.py predict", description="Tag text with an exported model."
+        prog="trainer/main.py predict",
+        description="Tag text with an exported model.",
+        epilog="--output-format entities writes one JSON object per input line (blank lines included): "
+        '{"line": N, "text": LINE, "entities": [{"text", "type", "start", "end", "score"}, ...]}; '
+        "start and end are character offsets into LINE (text == LINE[start:end]), score the mean "
+        "probability of the entity's predicted tags.",
     )
     p.add_argument("--model", required=True, help="an exported model folder (<run>/model)")
     p.add_argument(
@@ -99,11 +107,16 @@ def predict_parser() -> argparse.ArgumentParser:
         choices=["conll", "text"],
         default="conll",
         help="conll: one word per line, blank line between sentences; text: one sentence per line, "
-        "words split on whitespace",
+        "split into words as CoNLL writes them (punctuation apart: 'Siemens.' -> 'Siemens' '.')",
     )
     p.add_argument(
-        "--output", default="-", help="where to write `word [gold] predicted` columns (default stdout)"
+        "--output-format",
+        choices=["conll", "entities"],
+        default="conll",
+        help="conll: `word [gold] predicted` columns; entities (with --format text): JSON lines of "
+        "entities with character offsets",
     )
+    p.add_argument("--output", default="-", help="where to write the output (default stdout)")
     return p
 
 
@@ -202,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             args = predict_parser().parse_args(argv[1:])
             from .predict import predict
 
-            scores = predict(args.model, args.input, args.output, args.format)
+            scores = predict(
+                args.model, args.input, args.output, args.format, output_format=args.output_format
+            )
             if scores:
                 log.info(
                     "entity F1 %.4f precision %.4f recall %.4f (against the input's tags)",

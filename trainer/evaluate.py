@@ -41,13 +41,23 @@ class EvalResult:
 
 @torch.no_grad()
 def predict_windows(
-    model, encoded: Encoded, pad_id: int, device, batch_tokens: int, rank: int = 0, world: int = 1
+    model,
+    encoded: Encoded,
+    pad_id: int,
+    device,
+    batch_tokens: int,
+    rank: int = 0,
+    world: int = 1,
+    *,
+    probs: dict[int, np.ndarray] | None = None,
 ) -> tuple[dict[int, np.ndarray], float, int]:
     """Predictions for this rank's share of the windows: window index -> label ids of its owned words.
 
     Every rank runs the same number of forwards (a rank whose share is shorter runs a one-window
     dummy whose output is dropped): under ZeRO-3 each forward gathers parameters from all ranks.
     Also returns the summed cross-entropy and the count of labelled tokens (for the loss).
+    `probs`, when given, is filled in the same way with the probability (softmax) of each predicted
+    label, as float32; training's evaluation passes none and computes no softmax.
     """
     windows = encoded.windows
     lengths = [len(w) for w in windows]
@@ -69,9 +79,14 @@ def predict_windows(
                 torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
             )
             count += int(valid.sum())
-        best = logits.argmax(-1).cpu().numpy()
+        best_t = logits.argmax(-1)
+        best = best_t.cpu().numpy()
         for r, i in enumerate(idx):
             preds[i] = best[r, windows[i].positions]
+        if probs is not None:
+            top = logits.softmax(-1).gather(-1, best_t.unsqueeze(-1)).squeeze(-1).cpu().numpy()
+            for r, i in enumerate(idx):
+                probs[i] = top[r, windows[i].positions]
     return preds, loss_sum, count
 
 

@@ -187,11 +187,15 @@ def encode(
 
 
 def stitch(encoded: Encoded, window_preds: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Per-window predictions (one label id per owned word) back to one array per sentence.
+    """Per-window predictions (one value per owned word) back to one array per sentence.
 
+    The values are label ids (int64 out) or, when any window's are floating point, scores such as
+    the predicted label's probability (float64 out; they must be >= 0).
     Raises ValueError if any word ends up without a prediction (a bug, never expected).
     """
-    out = [np.full(n, -1, dtype=np.int64) for n in encoded.num_words]
+    floats = any(np.issubdtype(p.dtype, np.floating) for p in window_preds)
+    dtype = np.float64 if floats else np.int64
+    out = [np.full(n, -1, dtype=dtype) for n in encoded.num_words]
     if len(window_preds) != len(encoded.windows):
         raise ValueError(f"got predictions for {len(window_preds)} windows, expected {len(encoded.windows)}")
     for wi, (win, pred) in enumerate(zip(encoded.windows, window_preds, strict=True)):
