@@ -38,6 +38,32 @@ def test_help_lists_keys():
     assert r.returncode == 0
     for key in ("data.train", "train.max_steps", "run.storage", "scaling.num_workers", "predict"):
         assert key in r.stdout
+    # Each key's meaning is under it, indented.
+    lines = r.stdout.splitlines()
+    at = lines.index("  train.learning_rate = 5e-05")
+    assert lines[at + 1].startswith("      Peak learning rate of AdamW"), lines[at : at + 3]
+
+
+def test_every_config_key_says_what_it_means():
+    """A key added without a docstring under its field (in trainer/config.py) fails here."""
+    import dataclasses
+    import typing
+
+    from raytag.trainer.config import Config, describe_keys, key_docs
+
+    docs = key_docs()
+    hints = typing.get_type_hints(Config)
+    keys = [
+        f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(hints[s.name])
+    ]
+    missing = [k for k in keys if len(docs.get(k, "")) < 10]
+    assert not missing, f"config keys without a docstring under their field: {missing}"
+    assert docs["train.learning_rate"].startswith("Peak learning rate of AdamW")
+    # Wrapped to the width asked for, every meaning line indented under its key.
+    text = describe_keys(width=60)
+    meaning = [ln for ln in text.splitlines() if ln.startswith("      ")]
+    assert meaning and all(len(ln) <= 60 for ln in meaning)
+    assert "\n".join(ln.strip() for ln in meaning).count("Peak learning rate of AdamW") == 1
 
 
 def test_predict_entities_of_conll_input_is_a_one_line_error(tmp_path):

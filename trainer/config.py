@@ -44,6 +44,8 @@ class DataConfig:
     validation: str | None = None
     """CoNLL file (local path or s3:// object) evaluated after each epoch."""
     test: str | None = None
+    """CoNLL file (local path or s3:// object) scored once at the end of the run, with the best
+    checkpoint's weights (results.json `test`, predictions/test.txt)."""
     eval_sets: dict[str, str] = field(default_factory=dict)
     """Extra named evaluation sets: name -> CoNLL file (local or s3://), evaluated with validation."""
     prepared: str | None = None
@@ -82,23 +84,39 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: float = 3
+    """Passes over the training data; a fraction trains part of the last one (the run takes
+    ceil(epochs x steps per epoch) optimizer steps). Evaluation runs after each epoch."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (caps the run; the schedule then spans max_steps)."""
     learning_rate: float = 5e-5
+    """Peak learning rate of AdamW: it rises linearly from 0 over `train.warmup_ratio` of the steps,
+    then falls linearly to 0 at the last step."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay, applied to weight matrices (not to biases and LayerNorm weights)."""
     warmup_ratio: float = 0.1
+    """Share of the optimizer steps over which the learning rate warms up linearly from 0."""
     adam_beta1: float = 0.9
+    """AdamW's beta1: decay rate of the running mean of gradients (momentum)."""
     adam_beta2: float = 0.999
+    """AdamW's beta2: decay rate of the running mean of squared gradients."""
     adam_epsilon: float = 1e-8
+    """AdamW's epsilon, added to the denominator for numerical stability."""
     batch_tokens: int | Literal["auto"] = "auto"
     """Token budget of one micro-batch per worker, counted with padding (sentences x longest).
     `auto` picks it from the training data (trainer/batching.py, `auto_batch_tokens`): 1024 (about
     43 CoNLL sentences) when the run still gets at least 1000 optimizer steps, else the largest
     budget that does, but never fewer than 8 sentences per optimizer step; the choice is logged."""
     max_batch_sentences: int = 256
+    """At most this many sentences (windows) in one micro-batch, whatever `train.batch_tokens` allows."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per worker whose gradients are summed into one optimizer step (DeepSpeed's
+    gradient accumulation): a step trains on workers x this many micro-batches."""
     max_grad_norm: float = 1.0
+    """Clip the gradients' global L2 norm to this before each step (DeepSpeed's gradient_clipping)."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage (0-3): across workers, 1 partitions the optimizer state, 2 the gradients
+    too, 3 the parameters too. With one worker, 1 and 2 have nothing to partition and run as ZeRO-0.
+    A `zero_optimization.stage` in `train.deepspeed` wins."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that support it, else fp16 on GPU; on CPU bf16 where it has AMX or
     AVX512-BF16 (as autocast: fp32 weights and optimizer, bf16 matmuls), else fp32."""
@@ -112,6 +130,8 @@ class TrainConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON merged over the generated config (any DeepSpeed key)."""
     seed: int = 42
+    """Seeds the model's initialisation (the new classifier head; every weight of a built-in random
+    model), the order of the training data and dropout."""
     log_every: int = 10
     """Log training metrics every N optimizer steps."""
     save_every: int | None = None
@@ -122,6 +142,7 @@ class TrainConfig:
     eval_every: int | None = None
     """Also evaluate every N optimizer steps (evaluation always runs after each epoch)."""
     eval_batch_tokens: int = 16384
+    """Token budget of one evaluation batch, counted with padding: larger is faster while memory lasts."""
     threads: int | None = None
     """torch intra-op threads on CPU; default: torch's choice."""
 
@@ -129,6 +150,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "raytag-run"
+    """The run's name: its outputs and checkpoints go to <run.storage>/<run.name>/, and running the
+    same name again resumes it (see `run.resume`, `run.new_run`)."""
     storage: str = "runs"
     """Local folder or s3://bucket/prefix; outputs go to <storage>/<name>/."""
     keep_best: int = 1
@@ -140,6 +163,7 @@ class RunConfig:
     s3_endpoint_url: str | None = None
     """S3 endpoint (MinIO, ...); default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS."""
     s3_region: str | None = None
+    """S3 region; default: boto3's own (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws/config)."""
     create_bucket: bool = False
     """Create the bucket in the pre-flight check when it does not exist."""
     staging_dir: str | None = None
@@ -164,14 +188,20 @@ class RunConfig:
 @dataclass(frozen=True)
 class ScalingConfig:
     num_workers: int = 1
+    """Data-parallel workers, one DeepSpeed process each (on GPUs, one per GPU). 1 trains in this
+    process unless under `ray job submit` or RAY_ADDRESS; more run as a Ray Train worker group."""
     use_gpu: bool = False
+    """Train on GPUs, one per worker; a worker that sees no GPU is an error."""
     cpus_per_worker: float | None = None
+    """CPUs Ray reserves for each worker (default 1)."""
     gpus_per_worker: float | None = None
     """GPUs per worker: 1 (the default with use_gpu). Each worker is one data-parallel DeepSpeed process
     on one GPU; more GPUs means more workers."""
     worker_resources: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources each worker asks for (e.g. a custom node resource, or accelerator_type:H100)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes: PACK (on as few nodes as it can), SPREAD (on as many),
+    STRICT_PACK (all on one node), STRICT_SPREAD (each on its own node)."""
     max_failures: int = 3
     """Ray restarts the worker group this many times after a lost worker or node."""
 
@@ -421,12 +451,69 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def describe_keys() -> str:
-    """Every key with its default, for --help."""
-    lines = []
-    for section in dataclasses.fields(Config):
-        sec_cls = typing.get_type_hints(Config)[section.name]
-        for f in dataclasses.fields(sec_cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
-            lines.append(f"  {section.name}.{f.name} = {default!r}")
+def _keys() -> list[tuple[str, type, dataclasses.Field]]:
+    """Every dotted key with the section class and the field that define it, in file order."""
+    hints = typing.get_type_hints(Config)
+    return [
+        (f"{section.name}.{f.name}", hints[section.name], f)
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(hints[section.name])
+    ]
+
+
+def key_docs() -> dict[str, str]:
+    """What each key means: the docstring under its field in this file, as one line of text.
+
+    Read from the source with `ast` (Python keeps no attribute docstrings at run time); a key
+    without a docstring is absent (tests/test_cli.py checks that none is), and all are when the
+    source is not installed.
+    """
+    import ast
+    import inspect
+    import sys
+
+    try:
+        source = inspect.getsource(sys.modules[__name__])
+    except (OSError, TypeError):  # a compiled-only install: --help then shows defaults alone
+        return {}
+    by_class: dict[str, dict[str, str]] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        docs = by_class.setdefault(node.name, {})
+        for stmt, after in zip(node.body, node.body[1:], strict=False):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(after.value.value.split())
+    found = {key: by_class.get(cls.__name__, {}).get(f.name, "") for key, cls, f in _keys()}
+    return {key: doc for key, doc in found.items() if doc}
+
+
+def describe_keys(width: int | None = None) -> str:
+    """Every key with its default and, under it, what it means, wrapped to `width` columns
+    (default: the terminal's, as argparse wraps, at most 100), for --help."""
+    import shutil
+    import textwrap
+
+    if width is None:
+        width = min(shutil.get_terminal_size().columns - 2, 100)
+    width = max(width, 40)
+    docs = key_docs()
+    lines: list[str] = []
+    section = ""
+    for key, _, f in _keys():
+        if key.split(".")[0] != section and section:
+            lines.append("")
+        section = key.split(".")[0]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        lines.append(f"  {key} = {default!r}")
+        if key in docs:
+            lines += textwrap.wrap(
+                docs[key], width, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False
+            )
     return "\n".join(lines)
