@@ -193,7 +193,7 @@ def stitch(encoded: Encoded, window_preds: Sequence[np.ndarray]) -> list[np.ndar
     the predicted label's probability (float64 out; they must be >= 0).
     Raises ValueError if any word ends up without a prediction (a bug, never expected).
     """
-    floats = any(np.issubdtype(p.dtype, np.floating) for p in window_preds)
+    floats = any(np.asarray(p).dtype.kind == "f" for p in window_preds)
     dtype = np.float64 if floats else np.int64
     out = [np.full(n, -1, dtype=dtype) for n in encoded.num_words]
     if len(window_preds) != len(encoded.windows):
