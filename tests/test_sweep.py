@@ -133,19 +133,17 @@ def ray_head():
         yield cluster.env
 
 
-def sweep(env: dict[str, str], storage: Path) -> subprocess.CompletedProcess:
+def sweep(env: dict[str, str], storage: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             sys.executable,
             str(ROOT / "trainer" / "main.py"),
             "sweep",
             f"run.storage={storage}",
-            "run.name=lr",
             "data.max_train_samples=96",
             "data.max_eval_samples=48",
             "train.batch_tokens=512",
-            "train.max_steps=6",
-            "sweep.train.learning_rate=[3e-5,1e-3,1e-1]",
+            *(args or ("run.name=lr", "train.max_steps=6", "sweep.train.learning_rate=[3e-5,1e-3,1e-1]")),
         ],
         env=env,
         capture_output=True,
@@ -183,3 +181,31 @@ def test_sweep_runs_each_point_on_ray_then_finds_them_finished(ray_head, tmp_pat
     assert again.stderr.count("finished earlier") == 3 and "_trial_main" not in again.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again.stdout == r.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_early_stop_stops_the_trial_behind_and_a_rerun_keeps_it_stopped(ray_head, tmp_path):
+    # One trial at a time, in order: at its first evaluation (step 2) trial-001 (lr 3e-3 knocks the
+    # tiny model's F1 to 0) is below trial-000's (lr 1e-9: the initial model's F1, 0.05), so ASHA
+    # stops it at its first rung; trial-000 runs on to step 8.
+    args = [
+        "--early-stop",
+        "--max-concurrent",
+        "1",
+        "run.name=asha",
+        "train.max_steps=8",
+        "train.eval_every=2",
+    ]
+    r = sweep(ray_head, tmp_path, *args, "sweep.train.learning_rate=[1e-9,3e-3]")
+    assert r.returncode == 0, r.stderr[-6000:]
+    record = json.loads((tmp_path / "asha" / "sweep.json").read_text())
+    rows = {t["trial"]: t for t in record["trials"]}
+    assert rows["trial-000"]["status"] == "finished" and rows["trial-000"]["global_steps"] == 8
+    assert rows["trial-001"]["status"] == "stopped" and rows["trial-001"]["global_steps"] == 2
+    assert rows["trial-001"]["validation_f1"] < rows["trial-000"]["validation_f1"]
+    assert record["best"] == "trial-000"
+    assert not (tmp_path / "asha" / "trial-001" / "results.json").exists()
+    again = sweep(ray_head, tmp_path, *args, "sweep.train.learning_rate=[1e-9,3e-3]")
+    assert again.returncode == 0 and "_trial_main" not in again.stderr, again.stderr[-6000:]
+    assert json.loads((tmp_path / "asha" / "sweep.json").read_text()) == record

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             print(prepare_only(cfg, rebuild=args.rebuild, executor=args.executor))
             return 0
         if argv and argv[0] == "sweep":
-            args = sweep_parser().parse_args(argv[1:])
+            args = sweep_parser().parse_intermixed_args(argv[1:])  # options anywhere among the overrides
             from .sweep import run_sweep, table
 
             record = run_sweep(

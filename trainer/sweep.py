@@ -159,7 +159,8 @@ class Trial:
     status: str = "pending"  # pending | finished | failed | stopped (early, by the scheduler)
     result: dict[str, Any] | None = None  # results.json of a finished trial
     error: str | None = None
-    last_f1: float | None = None  # a stopped trial's last validation F1
+    last_f1: float | None = None  # a stopped trial's last validation F1, and its step
+    last_step: int | None = None
 
     def row(self) -> dict[str, Any]:
         r = self.result or {}
@@ -170,7 +171,7 @@ class Trial:
             "validation_f1": (r.get("validation") or {}).get("f1", self.last_f1),
             "test_f1": (r.get("test") or {}).get("f1"),
             "train_runtime_seconds": r.get("train_runtime_seconds"),
-            "global_steps": r.get("global_steps"),
+            "global_steps": r.get("global_steps", self.last_step),
             "run": self.config.run.storage.rstrip("/") + "/" + self.config.run.name,
             **({"error": self.error} if self.error else {}),
         }
@@ -238,7 +239,7 @@ def _trial_main(config: dict[str, Any]) -> None:
             METRIC: (results.get("validation") or {}).get("f1"),
             "step": results.get("global_steps"),
             "seconds": time.monotonic() - t0,
-            "done": True,
+            "run_finished": True,  # not "done": Tune sets that itself, also on a trial it stopped
         }
     )
 
@@ -287,7 +288,11 @@ def run_sweep(
     stopped = {r["trial"]: r for r in (earlier or {}).get("trials", []) if r["status"] == "stopped"}
     for t in trials:
         if t.name in stopped:  # the scheduler's verdict stands: not trained on
-            t.status, t.last_f1 = "stopped", stopped[t.name]["validation_f1"]
+            t.status, t.last_f1, t.last_step = (
+                "stopped",
+                stopped[t.name]["validation_f1"],
+                stopped[t.name]["global_steps"],
+            )
             continue
         found = _read_json(storage, f"{rc.name}/{t.name}/results.json")
         if found is not None and not _same_run(found, t.config):
@@ -373,8 +378,8 @@ def _tune(base: Config, trials: list[Trial], max_concurrent: int | None, early_s
             lines = [ln for ln in str(res.error).strip().splitlines() if ln.strip()]
             t.status, t.error = "failed", (lines[-1].strip() if lines else type(res.error).__name__)
             log.warning("%s failed: %s", name, t.error)
-        elif not metrics.get("done"):
-            t.status, t.last_f1 = "stopped", metrics.get(METRIC)
+        elif not metrics.get("run_finished"):
+            t.status, t.last_f1, t.last_step = "stopped", metrics.get(METRIC), metrics.get("step")
             log.info(
                 "%s stopped early by ASHA at step %s (validation F1 %s)",
                 name,
