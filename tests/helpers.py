@@ -19,6 +19,9 @@ RUN_OUTPUTS = [
     "model/README.md",
     "model/tokenizer.json",
     "model/raytag.json",
+    "model/learning_curves.png",  # the card's plots (trainer/plots.py)
+    "model/per_type.png",
+    "model/confusion.png",
 ]
 
 

@@ -79,3 +79,24 @@ def test_run_plots_draw_every_plot_at_its_size():
             assert im.format == "PNG" and im.size == SIZES[name], name
     # A run still training: the curves alone.
     assert set(run_plots(_records()[:10], {}, {})) == {LEARNING_CURVES}
+
+
+def test_without_matplotlib_the_export_gets_no_plots_one_warning_and_a_card_that_says_so(monkeypatch, caplog):
+    import sys
+
+    from raytag.trainer.card import render_card
+    from raytag.trainer.plots import model_plots
+
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` raises ImportError
+    caplog.set_level("WARNING", logger="raytag")
+    pngs, reason = model_plots(_records(), {}, {}, None)
+    assert pngs == {} and reason and "matplotlib" in reason
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    card = render_card(
+        run_name="r", base_model="m", labels=["O", "B-PER", "I-PER"], data={}, hyperparameters={},
+        history=[], results={}, versions={}, best_step=None, plots=None,
+    )  # fmt: skip
+    assert "## Training curves and errors" in card and "plots" in card and "absent" in card
+    assert "](learning_curves.png)" not in card

@@ -155,13 +155,6 @@ def test_auto_batch_tokens_is_logged_and_planned(tmp_path, caplog):
     assert planned and abs(int(planned.group(1)) - int(m.group(2))) <= 0.02 * int(m.group(2)), caplog.text
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    res = run(tmp, "demo")
-    return tmp / "demo", res
-
-
 def test_demo_learns_and_writes_every_output(demo_run):
     run_dir, res = demo_run
     for rel in RUN_OUTPUTS:
@@ -225,6 +218,21 @@ def test_model_card_is_filled_in(demo_run):
         assert len(body.strip()) > 20, section
     assert "| 1.00 |" in card  # per-epoch results table has the first epoch
     assert "test entity F1" in card
+
+
+def test_model_folder_holds_the_plots_the_card_links(demo_run):
+    from PIL import Image
+
+    from raytag.trainer.plots import PLOTS, SIZES
+
+    run_dir, _ = demo_run
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "## Training curves and errors" in card and "absent" not in card
+    for name in PLOTS:
+        assert f"]({name})" in card, name  # a relative link: the hub shows it beside the card
+        with Image.open(run_dir / "model" / name) as im:
+            im.load()
+            assert (im.format, im.size) == ("PNG", SIZES[name]), name
 
 
 def test_exported_model_tags_through_pipeline(demo_run):

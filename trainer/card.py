@@ -24,8 +24,10 @@ def render_card(
     best_step: int | None,
     language_hint: str | None = None,
     speed: dict[str, Any] | None = None,
+    plots: dict[str, str] | None = None,
 ) -> str:
-    """Markdown model card. `history` holds one evaluation record per epoch or eval step."""
+    """Markdown model card. `history` holds one evaluation record per epoch or eval step; `plots`
+    maps each PNG written beside the card to its caption, or is None when no plots were drawn."""
     types = sorted({lab[2:] for lab in labels if lab != "O"})
     val = results.get("validation") or {}
     index_results = []
@@ -138,4 +140,14 @@ def render_card(
     lines.append("")
     if val:
         lines += [f"Best validation F1 {_pct(val.get('f1'))} at step {best_step}.", ""]
+    lines += ["## Training curves and errors", ""]
+    if plots:
+        for file, caption in plots.items():
+            lines += [f"![{caption}]({file})", ""]
+    else:
+        lines += [
+            "The plots (learning curves, per-type scores, entity confusion) are absent: they could not be "
+            "drawn when the model was exported.",
+            "",
+        ]
     return "\n".join(lines)

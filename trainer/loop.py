@@ -42,6 +42,7 @@ from .features import IGNORE, Encoded, Window, encode
 from .flops import ModelFlops, Peak, device_peak, mfu, model_flops
 from .model import load_model, load_tokenizer
 from .outputs import MetricsLog, export_model, git_commit, versions, write_json, write_predictions
+from .plots import CAPTIONS, model_plots, parse_metrics
 from .progress import ProgressView, TrainingProgress, rng_state, seed_everything, set_rng_state
 from .shards import Prepared, ShardReader, open_prepared, plan_epoch, prepare, prepared_root, spec_from_config
 from .stopping import STOP, Clock, Preempted
@@ -804,6 +805,13 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         "peak per device": f"{s.peak.flops:.3g} FLOP/s ({s.peak.source})" if s.peak.flops else s.peak.source,
         "devices": dist.world(),
     }
+    logged = run.workdir / "metrics.jsonl"  # the plots beside the card: a failure to draw them only warns
+    pngs, _ = model_plots(
+        parse_metrics(logged.read_text(encoding="utf-8") if logged.is_file() else ""),
+        results,
+        {n: (data.splits[n].tags, p.pred_tags) for n, p in preds.items()},
+        progress.best_step,
+    )
     export_model(
         s.engine.module,
         sd,
@@ -812,7 +820,8 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         _export_meta(
             data.labels, cfg.model, model_from, s.spec, attention_kernel(cfg.model.attention, s.spec)
         ),
-        _card(cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results, train, speed),
+        _card(cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results, train, speed, pngs),
+        files=pngs,
     )
     run.publish("model")
     out = {
@@ -1104,6 +1113,7 @@ def _card(
     results,
     train: dict[str, Any],
     speed: dict[str, Any],
+    plots: dict[str, bytes] | None = None,
 ) -> str:
     tc = cfg.train
     hyper = {
@@ -1151,4 +1161,5 @@ def _card(
         versions=versions(),
         best_step=progress.best_step,
         speed=speed,
+        plots={f: CAPTIONS[f] for f in plots} if plots else None,  # none drawn: the card says so
     )

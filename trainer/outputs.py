@@ -174,8 +174,17 @@ def write_predictions(path: Path, words, gold, pred) -> None:
     write_conlleval_file(path, words, gold, pred)
 
 
-def export_model(model, state_dict, tokenizer, out: Path, extra: dict[str, Any], card: str) -> None:
-    """Hugging Face folder: config (with label names), weights, tokenizer, raytag.json, README.md."""
+def export_model(
+    model,
+    state_dict,
+    tokenizer,
+    out: Path,
+    extra: dict[str, Any],
+    card: str,
+    files: dict[str, bytes] | None = None,
+) -> None:
+    """Hugging Face folder: config (with label names), weights, tokenizer, raytag.json, README.md,
+    and `files` (name -> bytes: the card's plots)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter the run's log
@@ -189,6 +198,8 @@ def export_model(model, state_dict, tokenizer, out: Path, extra: dict[str, Any],
     tokenizer.save_pretrained(tmp)
     write_json(tmp / "raytag.json", extra)
     (tmp / "README.md").write_text(card, encoding="utf-8")
+    for name, data in (files or {}).items():
+        (tmp / name).write_bytes(data)
     if out.exists():
         import shutil
 

@@ -227,7 +227,12 @@ def per_type_png(results: Mapping[str, Mapping[str, Any]], sets: Sequence[str] =
             ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
         ax.set_xticks(x, [f"{t}\n(support {per[t].get('support', '?')})" for t in types])
         f1 = res.get("f1")
-        ax.set_title(f"{name}: per-type scores" + (f" (overall F1 {100 * f1:.2f})" if f1 is not None else ""))
+        at = (
+            f" at step {res['step']}" if res.get("step") is not None else ""
+        )  # a live run's latest evaluation
+        ax.set_title(
+            f"{name}: per-type scores{at}" + (f" (overall F1 {100 * f1:.2f})" if f1 is not None else "")
+        )
         ax.set(xlabel="entity type (gold entities)", ylabel="score (%)", ylim=(0, 108))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=9, loc="upper right", ncols=3)
