@@ -64,7 +64,9 @@ def train(storage: str, name: str, *overrides: str) -> dict:
     return train_loop(to_dict(cfg))
 
 
-def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(aws, monkeypatch):
+def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(
+    aws, monkeypatch, tmp_path, capsys
+):
     bucket = aws.make_bucket()
     storage = f"s3://{bucket}/team/runs"
     steps = ["train.max_steps=6", "train.eval_every=2", "run.keep_best=3"]
@@ -112,6 +114,23 @@ def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(aws,
     # Finished: a rerun says so instead of training again.
     again = train(storage, "r1", *steps)
     assert again["global_steps"] == 6
+    report_of_bucket_run(f"{storage}/r1", results, tmp_path, monkeypatch, capsys)
+
+
+def report_of_bucket_run(uri: str, results: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`report s3://...` reads the run from the bucket (endpoint and keys from the environment) and
+    writes ./<run-name>-report.html with every plot embedded; the secret key appears nowhere."""
+    from raytag.trainer.cli import main
+    from raytag.trainer.plots import PLOTS
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", uri]) == 0
+    out = capsys.readouterr().out
+    assert "finished" in out and f"{results['validation']['f1']:.4f}" in out and "r1-report.html" in out
+    page = (tmp_path / "r1-report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(PLOTS)
+    assert "Worst-predicted validation sentences" in page and 'class="sent"' in page
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in page + out
 
 
 def test_resume_skips_a_checkpoint_with_a_broken_manifest(aws, monkeypatch, caplog):

@@ -23,7 +23,8 @@ USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
        python trainer/main.py prepare [--config FILE] [--rebuild] [--executor E] [dotted.key=value ...]
        python trainer/main.py predict --model DIR --input FILE [--format conll|text]
                                       [--output-format conll|entities] [--output FILE]
-       python trainer/main.py sweep [--config FILE] [--samples N] sweep.KEY=[v1,v2,...] [dotted.key=value ...]"""
+       python trainer/main.py sweep [--config FILE] [--samples N] sweep.KEY=[v1,v2,...] [dotted.key=value ...]
+       python trainer/main.py report RUN [--output FILE.html]"""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -33,10 +34,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from .conll import ConllError
     from .predict import PredictError
+    from .report import ReportError
     from .shards import ShardError
 
     return (
         ConfigError,
+        ReportError,
         ConllError,
         StorageError,
         CheckpointUploadError,
@@ -153,6 +156,22 @@ def sweep_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer/main.py report",
+        description="Print a run's summary and write one self-contained HTML page: plots, results, "
+        "config, provenance and the worst-predicted validation sentences. Works on a run still training.",
+    )
+    p.add_argument(
+        "run", metavar="RUN", help="a run folder (<run.storage>/<run.name>) or s3://bucket/prefix/run-name"
+    )
+    p.add_argument(
+        "--output",
+        help="the HTML file (default: <RUN>/report.html for a local run, ./<run-name>-report.html for S3)",
+    )
+    return p
+
+
 def resolve_config_path(path: str | None) -> Path:
     if path is None or path == DEMO_CONFIG:
         import importlib.resources
@@ -225,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
                     scores["precision"],
                     scores["recall"],
                 )
+            return 0
+        if argv and argv[0] == "report":
+            args = report_parser().parse_args(argv[1:])
+            from .report import report
+
+            page, lines = report(args.run, args.output)
+            width = max(len(k) for k, _ in lines)
+            print("\n".join(f"{k:<{width}}  {v}" for k, v in [*lines, ("report", str(page))]))
             return 0
         if argv and argv[0] == "prepare":
             parser = build_parser()
