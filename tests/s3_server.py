@@ -163,10 +163,15 @@ class S3TestServer:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def client(self, **config: Any) -> Any:
-        """A boto3 S3 client for this server (path-style, short timeouts)."""
+        """A boto3 S3 client for this server (path-style, short timeouts).
+
+        It retries a 500 InternalError as S3 clients should: SeaweedFS answers one now and then
+        while it grows the volumes of a new bucket on a loaded machine (seen on a test's first
+        put_object, through botocore's default 2 retries)."""
         import boto3
         from botocore.config import Config
 
+        config.setdefault("retries", {"max_attempts": 8, "mode": "standard"})
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,

@@ -226,8 +226,14 @@ def _trial_main(config: dict[str, Any]) -> None:
             tune.report({METRIC: metrics["eval_f1"], "step": metrics["step"]})
 
     if cfg.scaling.num_workers == 1:
+        import os
+
         from .loop import train_loop
 
+        # A world of one of its own: a process-group address inherited from the node's environment
+        # (where a driver's in-process run set it) would be every concurrent trial's, and taken.
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            os.environ.pop(key, None)
         results = train_loop(to_dict(cfg), report)
     else:
         from raytag.launcher.ray_launcher import launch
