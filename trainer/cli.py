@@ -150,7 +150,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--early-stop",
         action="store_true",
-        help="stop the trials whose validation F1 falls behind, at each evaluation (Ray Tune's ASHA)",
+        help="stop the one-worker trials whose validation F1 falls behind, at each evaluation (Ray Tune's ASHA)",
     )
     p.add_argument("overrides", nargs="*", metavar="sweep.key=SPACE | key=value", help="axes and overrides")
     return p
