@@ -105,7 +105,8 @@ class TrainConfig:
     """Token budget of one micro-batch per worker, counted with padding (sentences x longest).
     `auto` picks it from the training data (trainer/batching.py, `auto_batch_tokens`): 1024 (about
     43 CoNLL sentences) when the run still gets at least 1000 optimizer steps, else the largest
-    budget that does, but never fewer than 8 sentences per optimizer step; the choice is logged."""
+    budget that does, but never fewer than 8 sentences per optimizer step; at that floor (small
+    data) batches are random draws of sentences rather than length-grouped. The choice is logged."""
     max_batch_sentences: int = 256
     """At most this many sentences (windows) in one micro-batch, whatever `train.batch_tokens` allows."""
     gradient_accumulation_steps: int = 1

@@ -171,7 +171,7 @@ def train_loop(
         data = load_data(cfg, group)
         world, accum = group.world, tc.gradient_accumulation_steps
 
-        def plan_at(tokens: int, epoch: int) -> tuple[StepPlan, list[int]]:
+        def plan_at(tokens: int, epoch: int, pool: int) -> tuple[StepPlan, list[int]]:
             return plan_epoch(
                 data.train,
                 data.weights,
@@ -182,20 +182,23 @@ def train_loop(
                 world,
                 group.rank,
                 accum,
+                pool,
             )
 
-        batch_tokens = resolve_batch_tokens(  # `auto`: from the data alone, the same on every rank
-            tc.batch_tokens,
-            data.lengths,
-            world * accum,
-            tc.epochs,
-            tc.max_batch_sentences,
-            log.info if group.rank == 0 else None,
-            steps_at=lambda tokens: len(plan_at(tokens, 0)[0].steps),
+        batch_tokens, pool_batches = (
+            resolve_batch_tokens(  # `auto`: from the data alone, the same on every rank
+                tc.batch_tokens,
+                data.lengths,
+                world * accum,
+                tc.epochs,
+                tc.max_batch_sentences,
+                log.info if group.rank == 0 else None,
+                steps_at=lambda tokens, pool: len(plan_at(tokens, 0, pool)[0].steps),
+            )
         )
 
         def epoch_plan(epoch: int) -> StepPlan:  # the same global plan on every rank: (seed, epoch) only
-            plan, shards = plan_at(batch_tokens, epoch)
+            plan, shards = plan_at(batch_tokens, epoch, pool_batches)
             log.info("rank %d, epoch %d: %d shard(s) of its own to read", group.rank, epoch, len(shards))
             return plan
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .batching import StepPlan, plan_batches
+from .batching import POOL_BATCHES, StepPlan, plan_batches
 from .config import ConfigError
 from .features import IGNORE, Window
 
@@ -547,6 +547,7 @@ def plan_epoch(
     world: int,
     rank: int,
     accum: int,
+    pool_batches: int = POOL_BATCHES,
 ) -> tuple[StepPlan, list[int]]:
     """This rank's steps of epoch `epoch` (micro-batches of global window ids) and the shards it reads.
 
@@ -555,7 +556,8 @@ def plan_epoch(
     the fewest windows so far; lane `a * world + r` is micro-batch `a` of rank `r`. A lane's
     shards go in consecutive groups of up to MIX_WINDOWS windows, each group cut into token-budget
     batches across its shards (mixing their sentences), group after group. Ranks whose lanes run out
-    get empty micro-batches, so every rank runs the same number of steps. A pure function of its
+    get empty micro-batches, so every rank runs the same number of steps (`pool_batches`: the
+    batches' length-sorted pools, see batching.py). A pure function of its
     arguments: every rank computes the same plan, and one worker with accumulation `world * accum`
     gets exactly the global batches of `world` workers.
     """
@@ -585,7 +587,13 @@ def plan_epoch(
                 [np.arange(prepared.starts[shard], prepared.starts[shard + 1]) for _, shard in group]
             )
             for batch in plan_batches(
-                prepared.lengths[ids], batch_tokens, max_sentences, seed, epoch, stream=group[0][0]
+                prepared.lengths[ids],
+                batch_tokens,
+                max_sentences,
+                seed,
+                epoch,
+                stream=group[0][0],
+                pool_batches=pool_batches,
             ):
                 batches.append([int(ids[i]) for i in batch])
         lane_batches.append(batches)
