@@ -157,7 +157,7 @@ def train_loop(
     metrics: MetricsLog | None = None
     try:
         finished = run.read_json("results.json") if run.finished and not rc.new_run else None
-        if finished is not None and not _lengthened(cfg, finished):
+        if finished is not None and not trains_longer(cfg, finished):
             log.info(
                 "run %r in %s already finished: results.json exists (set run.new_run=true to train again, "
                 "or raise train.epochs / train.max_steps to train on)",
@@ -185,16 +185,15 @@ def train_loop(
                 pool,
             )
 
-        batch_tokens, pool_batches = (
-            resolve_batch_tokens(  # `auto`: from the data alone, the same on every rank
-                tc.batch_tokens,
-                data.lengths,
-                world * accum,
-                tc.epochs,
-                tc.max_batch_sentences,
-                log.info if group.rank == 0 else None,
-                steps_at=lambda tokens, pool: len(plan_at(tokens, 0, pool)[0].steps),
-            )
+        # `auto`: from the data alone, the same on every rank
+        batch_tokens, pool_batches = resolve_batch_tokens(
+            tc.batch_tokens,
+            data.lengths,
+            world * accum,
+            tc.epochs,
+            tc.max_batch_sentences,
+            log.info if group.rank == 0 else None,
+            steps_at=lambda tokens, pool: len(plan_at(tokens, 0, pool)[0].steps),
         )
 
         def epoch_plan(epoch: int) -> StepPlan:  # the same global plan on every rank: (seed, epoch) only
@@ -1015,7 +1014,7 @@ FAULT_MODES = ("exit", "raise", "kill", "term")
 FAULT_POINTS = ("step", "eval", "save")
 
 
-def _lengthened(cfg: Config, results: dict[str, Any]) -> bool:
+def trains_longer(cfg: Config, results: dict[str, Any]) -> bool:
     """Whether this config trains longer than the finished run's (train.epochs or train.max_steps changed)."""
     old = ((results.get("provenance") or {}).get("config") or {}).get("train") or {}
     return old.get("epochs") != cfg.train.epochs or old.get("max_steps") != cfg.train.max_steps

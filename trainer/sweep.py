@@ -268,6 +268,8 @@ def run_sweep(
     """Plan, skip finished trials, run the rest on Ray Tune, write sweep.json and sweep.md; return the record."""
     from raytag.cluster.storage import open_storage
 
+    from .loop import trains_longer
+
     base, axes, trials = plan(config_path, items, samples, seed)
     rc = base.run
     storage = open_storage(rc.storage, endpoint_url=rc.s3_endpoint_url, region=rc.s3_region)
@@ -301,10 +303,8 @@ def run_sweep(
             )
             continue
         found = _read_json(storage, f"{rc.name}/{t.name}/results.json")
-        if found is not None and not _same_run(found, t.config):
-            # another config under the same trial name: the run itself trains on (more epochs or
-            # steps) or refuses with the difference named
-            found = None
+        if found is not None and trains_longer(t.config, found):
+            found = None  # more epochs or steps asked for: the run trains on, as any rerun does
         if found is not None:
             t.status, t.result = "finished", found
             log.info(
@@ -332,9 +332,14 @@ def run_sweep(
 def _prepare(trials: list[Trial]) -> None:
     """Prepare each distinct training set once, before the trials start (trials then find it)."""
     from .cli import prepare_only
+    from .shards import spec_from_config
 
+    done: list[Any] = []
     for t in trials:
-        prepare_only(t.config)
+        spec = spec_from_config(t.config)
+        if spec not in done:  # trials that sweep no data or window key share one preparation
+            prepare_only(t.config)
+            done.append(spec)
 
 
 def _tune(base: Config, trials: list[Trial], max_concurrent: int | None, early_stop: bool) -> None:
@@ -392,19 +397,6 @@ def _tune(base: Config, trials: list[Trial], max_concurrent: int | None, early_s
                 metrics.get("step"),
                 _fmt(t.last_f1),
             )
-
-
-def _same_run(results: dict[str, Any], cfg: Config) -> bool:
-    """Whether a finished trial's results came from this config (the keys a rerun may change aside)."""
-
-    def comparable(tree: dict[str, Any]) -> dict[str, Any]:
-        tree = json.loads(json.dumps(tree))
-        for key in ("owner", "resume", "new_run"):
-            tree.get("run", {}).pop(key, None)
-        return tree
-
-    stored = (results.get("provenance") or {}).get("config")
-    return stored is not None and comparable(stored) == comparable(to_dict(cfg))
 
 
 def _read_json(storage, key: str) -> dict[str, Any] | None:
