@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+MAIN = Path(__file__).resolve().parents[1] / "trainer" / "main.py"
+
+
+def cli(*args: str, cwd: Path = MAIN.parents[1], timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python trainer/main.py ARGS...` in a subprocess, without this process's distributed variables."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "RAY_ADDRESS")
+    }
+    return subprocess.run(
+        [sys.executable, str(MAIN), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
+    )
+
 
 # What every finished run leaves under <storage>/<run.name>/ (the layout in README.md).
 RUN_OUTPUTS = [

@@ -10,18 +10,9 @@ from pathlib import Path
 import pytest
 
 from raytag.trainer.config import load_config
+from tests.helpers import MAIN, cli
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN = ROOT / "trainer" / "main.py"
-
-
-def cli(*args: str, cwd: Path = ROOT, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "RAY_ADDRESS")
-    }
-    return subprocess.run(
-        [sys.executable, str(MAIN), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
-    )
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from raytag.trainer.evaluate import predict_windows
 from raytag.trainer.features import encode, stitch
 from raytag.trainer.predict import load_exported, predict
 from raytag.trainer.words import split_words
+from tests.helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "xlm-roberta-base-tokenizer"
@@ -100,6 +99,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def entity_records(model: Path, lines: list[str], tmp_path: Path) -> list[dict]:
+    """`predict --format text --output-format entities` on `lines`: one record per line, each entity's
+    offsets slicing its text out of the line and its score a probability."""
+    src, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    predict(str(model), str(src), str(out), fmt="text", output_format="entities")
+    records = read_jsonl(out)
+    assert [r["text"] for r in records] == lines
+    for rec in records:
+        for e in rec["entities"]:
+            assert rec["text"][e["start"] : e["end"]] == e["text"]
+            assert 0 < e["score"] <= 1
+    return records
+
+
 def test_crafted_model_tags_what_it_was_made_to(demo_model):
     words = split_words(ACCEPTANCE)
     model, tokenizer, meta = load_exported(str(demo_model))
@@ -117,24 +131,18 @@ def test_acceptance_sentence_through_the_cli(demo_model, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text(ACCEPTANCE + "\n\n  Siemens.\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "trainer" / "main.py"),
-            "predict",
-            "--model",
-            str(demo_model),
-            "--input",
-            str(src),
-            "--format",
-            "text",
-            "--output-format",
-            "entities",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    r = cli(
+        "predict",
+        "--model",
+        str(demo_model),
+        "--input",
+        str(src),
+        "--format",
+        "text",
+        "--output-format",
+        "entities",
+        "--output",
+        str(out),
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
@@ -171,16 +179,7 @@ def test_entities_on_punctuation_heavy_lines(demo_model, tmp_path):
         "Siemens' Paris-based unit -- Angela Merkel: 'Paris!'",
         "Siemens\tvisited  Paris...Siemens",
     ]
-    src = tmp_path / "in.txt"
-    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    out = tmp_path / "out.jsonl"
-    predict(str(demo_model), str(src), str(out), fmt="text", output_format="entities")
-    records = read_jsonl(out)
-    assert [r["text"] for r in records] == lines
-    for rec in records:
-        for e in rec["entities"]:
-            assert rec["text"][e["start"] : e["end"]] == e["text"]
-            assert 0 < e["score"] <= 1
+    records = entity_records(demo_model, lines, tmp_path)
     got = [[(e["text"], e["type"]) for e in r["entities"]] for r in records]
     # Paris-based is one word (CoNLL keeps hyphenated words) whose first sub-token is Paris's.
     assert got == [
@@ -191,10 +190,10 @@ def test_entities_on_punctuation_heavy_lines(demo_model, tmp_path):
     assert [(e["start"], e["end"]) for e in records[0]["entities"]] == [(1, 8), (16, 29), (43, 48)]
     assert [(e["start"], e["end"]) for e in records[2]["entities"]] == [(0, 7), (17, 22), (25, 32)]
     # An entity keeps the original spacing between its words.
-    spaced = tmp_path / "spaced.txt"
-    spaced.write_text("Angela   Merkel\n", encoding="utf-8")
-    predict(str(demo_model), str(spaced), str(out), fmt="text", output_format="entities")
-    assert read_jsonl(out)[0]["entities"][0]["text"] == "Angela   Merkel"
+    assert (
+        entity_records(demo_model, ["Angela   Merkel"], tmp_path)[0]["entities"][0]["text"]
+        == "Angela   Merkel"
+    )
 
 
 @pytest.mark.shared
@@ -212,15 +211,7 @@ def test_entities_on_non_latin_lines(tmp_path):
         "Siemens दिल्ली में है।",
         "昨天他在北京。Siemens！",
     ]
-    src = tmp_path / "in.txt"
-    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    out = tmp_path / "out.jsonl"
-    predict(str(model), str(src), str(out), fmt="text", output_format="entities")
-    records = read_jsonl(out)
-    for rec in records:
-        for e in rec["entities"]:
-            assert rec["text"][e["start"] : e["end"]] == e["text"]
-            assert 0 < e["score"] <= 1
+    records = entity_records(model, lines, tmp_path)
     got = [sorted((e["text"], e["type"]) for e in r["entities"]) for r in records]
     assert got == [
         [("Siemens", "ORG"), ("Москве", "LOC")],

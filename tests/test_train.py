@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 from raytag.trainer.config import load_config, to_dict
 from raytag.trainer.loop import train_loop
-from tests.helpers import RUN_OUTPUTS, assert_tensorboard_matches_metrics, kill_training_at_micro_batch
+from tests.helpers import RUN_OUTPUTS, assert_tensorboard_matches_metrics, cli, kill_training_at_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -252,22 +250,16 @@ def test_predict_cli_tags_conll_and_text(demo_run, tmp_path):
     long_sentence = " ".join(["Paris"] + ["and", "Berlin"] * 150)  # 301 words: many windows of 64 tokens
     (tmp_path / "in.txt").write_text("Maria Schmidt visited Zürich .\n" + long_sentence + "\n")
     out = tmp_path / "out.txt"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "trainer" / "main.py"),
-            "predict",
-            "--model",
-            str(run_dir / "model"),
-            "--input",
-            str(tmp_path / "in.txt"),
-            "--format",
-            "text",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    r = cli(
+        "predict",
+        "--model",
+        str(run_dir / "model"),
+        "--input",
+        str(tmp_path / "in.txt"),
+        "--format",
+        "text",
+        "--output",
+        str(out),
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
