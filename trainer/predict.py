@@ -81,16 +81,8 @@ def read_lines(path: str) -> list[str]:
     return lines
 
 
-def read_input(path: str, fmt: str) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]] | None]:
-    """Words per sentence (and gold tags when a CoNLL file has them).
-
-    Text: each non-blank line is a sentence, split into words as CoNLL writes them (trainer/words.py).
-    """
-    if fmt == "text":
-        from .words import word_spans
-
-        sentences = [tuple(line[a:b] for a, b in word_spans(line)) for line in read_lines(path)]
-        return [ws for ws in sentences if ws], None
+def read_conll_input(path: str) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]] | None]:
+    """Words per sentence of a CoNLL file ('-': stdin), and its gold tags when it has them."""
     lines = sys.stdin.readlines() if path == "-" else None
     if lines is not None:
         # Labelled input is detected from the first token line: more than one column means gold tags.
@@ -187,13 +179,13 @@ def predict(
     model, tokenizer, meta = load_exported(model_dir)
     lines: list[str] = []
     spans: list[list[tuple[int, int]]] = []
-    if fmt == "text":
+    if fmt == "text":  # each non-blank line a sentence, split into words as CoNLL writes them
         lines = read_lines(input_path)
         spans = [word_spans(line) for line in lines]
         words = [tuple(line[a:b] for a, b in sp) for line, sp in zip(lines, spans, strict=True) if sp]
         gold = None
     else:
-        words, gold = read_input(input_path, fmt)
+        words, gold = read_conll_input(input_path)
     pred_tags, probs = tag_words(model, tokenizer, meta, words, batch_tokens, output_format == "entities")
     out = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")
     try:
