@@ -78,8 +78,9 @@ def test_budget_grows_with_the_data():
 
 
 def test_workers_share_the_global_batch():
-    # 4 workers x 2 accumulation: each micro-batch is smaller, the global step about the same size.
-    lengths = conll_like(3000)
+    # 4 workers x 2 accumulation: each micro-batch is smaller, the global step about the same size
+    # (12,000 sentences: about 12 per step, so each of the 8 micro-batches can hold its share).
+    lengths = conll_like(12000)
     single = auto_batch_tokens(lengths, 1, 1, 256)
     many = auto_batch_tokens(lengths, 8, 1, 256)
     assert many.batch_tokens < single.batch_tokens
@@ -97,7 +98,7 @@ def test_deterministic_and_close_to_every_seeds_plan():
 
 def test_tiny_and_empty_corpora():
     choice = auto_batch_tokens(conll_like(20), 1, 1, 256)
-    assert choice.steps_per_epoch >= 2  # 20 sentences: about AUTO_MIN_SENTENCES per step
+    assert choice.steps_per_epoch >= 4  # 20 sentences: about AUTO_MIN_SENTENCES per step
     assert auto_batch_tokens([], 1, 1, 256).batch_tokens == AUTO_MAX_TOKENS
     # More micro-batches per step than sentences: one sentence per micro-batch at the least.
     assert auto_batch_tokens(conll_like(50), 64, 1, 256).batch_tokens >= 16
@@ -130,13 +131,17 @@ def test_config_accepts_auto_and_integers():
 
 
 def test_small_data_gets_batches_of_random_sentences():
-    # At the 8-sentence floor (fewer than 8 x 1000 windows for one epoch) a batch is a random draw of
-    # sentences, not one length's worth: length-sorted pools cost small runs 0.03-0.13 dev F1.
-    small, large = (
+    # Below RANDOM_BATCHES_BELOW (8) sentences per step (fewer than 8 x 1000 windows for one epoch) a
+    # batch is a random draw of sentences, not one length's worth: length-sorted pools cost small
+    # runs 0.03-0.13 dev F1. That holds above the 4-sentence floor too (5000 windows: 5 per step).
+    small, middle, large = (
         auto_batch_tokens(conll_like(3000), 1, 1, 256),
+        auto_batch_tokens(conll_like(5000), 1, 1, 256),
         auto_batch_tokens(conll_like(14041), 1, 1, 256),
     )
     assert small.pool_batches == SMALL_DATA_POOL_BATCHES and "batches of random sentences" in small.describe()
+    assert "down to 4 sentences per step" in small.describe()
+    assert middle.pool_batches == SMALL_DATA_POOL_BATCHES and middle.steps_per_epoch >= 0.98 * AUTO_MIN_STEPS
     assert large.pool_batches == POOL_BATCHES and "length-grouped batches" in large.describe()
     assert (
         auto_batch_tokens(conll_like(3000), 1, 3, 256).pool_batches == POOL_BATCHES

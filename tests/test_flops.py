@@ -63,6 +63,44 @@ def test_sparse_embedding_updates_need_zero_0():
     demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     cfg = load_config(demo, ["train.embedding_updates=sparse"])
     assert engine_spec(cfg, world=1, total_steps=10, on_gpu=False).sparse_embeddings  # one worker: ZeRO-0
-    assert not engine_spec(load_config(demo, []), 1, 10, False).sparse_embeddings
+    dense = load_config(demo, ["train.embedding_updates=dense"])
+    assert not engine_spec(dense, 1, 10, False).sparse_embeddings
     with pytest.raises(ConfigError, match="embedding_updates=sparse needs ZeRO-0, but this run is at ZeRO-2"):
         engine_spec(cfg, world=2, total_steps=10, on_gpu=False)
+
+
+def test_auto_embedding_updates_are_sparse_for_one_cpu_worker_only(caplog):
+    import logging
+
+    import torch
+
+    from raytag.trainer.config import load_config
+    from raytag.trainer.loop import engine_spec, fit_embedding_updates
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    cfg = load_config(demo, [])
+    assert cfg.train.embedding_updates == "auto"
+    with caplog.at_level(logging.INFO, logger="raytag"):
+        one = engine_spec(cfg, world=1, total_steps=10, on_gpu=False)
+    assert one.sparse_embeddings and one.zero_stage == 0
+    assert "train.embedding_updates=auto: sparse (one CPU worker at ZeRO-0" in caplog.text
+    assert not engine_spec(cfg, world=2, total_steps=10, on_gpu=False).sparse_embeddings  # ZeRO-2
+    zero0 = load_config(demo, ["train.zero_stage=0"])
+    assert not engine_spec(zero0, world=2, total_steps=10, on_gpu=False).sparse_embeddings  # 2 workers
+    own = load_config(demo, ['train.deepspeed={"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}'])
+    assert not engine_spec(own, world=1, total_steps=10, on_gpu=False).sparse_embeddings
+    with caplog.at_level(logging.INFO, logger="raytag"):
+        gpu = engine_spec(cfg, world=1, total_steps=10, on_gpu=True)
+    assert not gpu.sparse_embeddings and "auto: dense (on a GPU" in caplog.text
+
+    # A model without an nn.Embedding word table: auto falls back to dense, sparse keeps its error.
+    class NoTable(torch.nn.Module):
+        def get_input_embeddings(self):
+            return torch.nn.EmbeddingBag(10, 4)
+
+    assert not fit_embedding_updates(one, "auto", NoTable()).sparse_embeddings
+    assert fit_embedding_updates(one, "sparse", NoTable()).sparse_embeddings
+    tok = load_tokenizer("builtin:tiny-xlmr")
+    assert fit_embedding_updates(
+        one, "auto", load_model("builtin:tiny-xlmr", LABELS, tok, seed=0)
+    ).sparse_embeddings

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 
 POOL_BATCHES = 64  # sort-by-length pools of about this many batches
-# Small data (train.batch_tokens=auto at its 8-sentence floor): pools of about one batch, so a batch
-# is a random draw of sentences, as in the HF recipe. Length-sorted pools make every small batch a
-# set of sentences of one length, on CoNLL one kind of text (score tables, headlines, bylines).
-# bench/quality.py --defaults, one epoch, dev F1 sorted -> random (HF recipe):
+# Small steps (train.batch_tokens=auto below RANDOM_BATCHES_BELOW sentences per step): pools of
+# about one batch, so a batch is a random draw of sentences, as in the HF recipe. Length-sorted
+# pools make every small batch a set of sentences of one length, on CoNLL one kind of text (score
+# tables, headlines, bylines). bench/quality.py --defaults, one epoch, 8 sentences per step, dev F1
+# sorted -> random (HF recipe):
 #   3000 sentences, seeds 1, 2: 0.752 -> 0.779, 0.635 -> 0.768   (0.787, 0.708)
 #   1000 sentences, seed 1:     0.523 -> 0.548, train 32 s -> 39 s   (0.489, 60 s)
 # Random batches pad more (the budget doubles for the same steps), which large data cannot afford:
 # all 14,041 sentences with random batches: 0.910 in 413 s, length-grouped 0.913 in 306 s.
 SMALL_DATA_POOL_BATCHES = 1
+RANDOM_BATCHES_BELOW = 8  # sentences per optimizer step (all workers) under which batches are random
 
 
 def plan_batches(
@@ -119,13 +121,17 @@ def shard_steps(
 #   3000 sentences:  71 steps 0.23 | 202 steps 0.54 | 291 steps 0.74 | 395 steps 0.76   (HF: 375, 0.79)
 #   14,041:         943 steps 0.913   (HF batch 16: 878 steps 0.909)
 # The auto budget keeps the large, fast budget while the run still gets AUTO_MIN_STEPS optimizer
-# steps, and otherwise shrinks it until it does, down to AUTO_MIN_SENTENCES sentences per step:
-# a step's time is mostly the optimizer's pass over every parameter (on CPU, the same for 4 or
-# 16 sentences), so smaller steps would cost more time than the HF recipe's 8-sentence batches.
+# steps, and otherwise shrinks it until it does, down to AUTO_MIN_SENTENCES sentences per step.
+# 4 rather than 8 (random batches, sparse embedding updates; seeds 1, 2, 3): 3000 sentences
+# 0.779 0.768 0.766 (387 steps, 107 s) -> 0.819 0.802 0.809 (751-760 steps, 72-75 s); 1000
+# sentences 0.548 (seed 1, 39 s) -> 0.638 0.542 0.597 (250 steps, 21-23 s). With sparse embedding
+# updates a step's time follows the batch (the optimizer's pass over the whole table is gone); with
+# dense ones a 4-sentence step costs nearly as much as an 8-sentence one (3000 sentences, dense:
+# 0.796 and 0.807 for seeds 1 and 3 in 173-178 s).
 
 AUTO_MAX_TOKENS = 1024  # per micro-batch per worker on large data: ~43 CoNLL-2003 sentences
 AUTO_MIN_STEPS = 1000  # optimizer steps the whole run should get at least
-AUTO_MIN_SENTENCES = 8  # sentences (windows) per optimizer step, all workers together, at least
+AUTO_MIN_SENTENCES = 4  # sentences (windows) per optimizer step, all workers together, at least
 AUTO_MIN_TOKENS = 16  # the smallest budget the config accepts
 
 
@@ -176,7 +182,7 @@ def auto_batch_tokens(
 ) -> BatchBudget:
     """The largest token budget <= max_tokens that gives the run at least `min_steps` optimizer steps.
 
-    Where the data is too small for that at `min_sentences` per step, batches are drawn at random
+    Where that means fewer than RANDOM_BATCHES_BELOW windows per step, batches are drawn at random
     (pools of SMALL_DATA_POOL_BATCHES) instead of from length-sorted pools. `steps_at(tokens,
     pool_batches)`, when given, counts the steps of an epoch's plan.
 
@@ -188,7 +194,8 @@ def auto_batch_tokens(
     n = len(lengths)
     m = max(1, micro_batches_per_step)
     steps_wanted = math.ceil(min_steps / epochs) if n else 0  # per epoch
-    small = n // min_sentences < steps_wanted
+    # steps of fewer than RANDOM_BATCHES_BELOW sentences: random batches (see SMALL_DATA_POOL_BATCHES)
+    small = n < RANDOM_BATCHES_BELOW * steps_wanted
     pool = SMALL_DATA_POOL_BATCHES if small else POOL_BATCHES
 
     def count(tokens: int) -> int:

@@ -15,6 +15,7 @@ storage, DeepSpeed's file names and the run lease live behind `RunStore`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -36,7 +37,14 @@ from .batching import StepPlan, resolve_batch_tokens
 from .card import render_card
 from .config import Config, ConfigError, dump_yaml, from_dict, to_dict
 from .data import Split, hub_splits, read_split, write_conll
-from .engine import EngineSpec, build_engine, catch_up_rows, full_state_dict, resolve_precision
+from .engine import (
+    EngineSpec,
+    build_engine,
+    catch_up_rows,
+    full_state_dict,
+    resolve_precision,
+    sparse_embedding_table,
+)
 from .evaluate import EvalResult, collate, finish, predict_windows
 from .features import IGNORE, Encoded, Window, encode
 from .flops import ModelFlops, Peak, device_peak, mfu, model_flops
@@ -230,6 +238,7 @@ def train_loop(
         attention = attention_kernel(mc.attention, spec)
         model = load_model(mc.name_or_path, data.labels, data.tokenizer, tc.seed, mc.dropout, attention)
         model.to(device)
+        spec = fit_embedding_updates(spec, tc.embedding_updates, model)
         engine = build_engine(model, spec, device_rank=device.index if device.type == "cuda" else None)
 
         # ---- resume: rank 0 picks the checkpoint, every rank loads its own part of it
@@ -508,12 +517,7 @@ def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> Engi
         zero_stage = 0
     else:
         zero_stage = tc.zero_stage
-    if tc.embedding_updates == "sparse" and zero_stage != 0:
-        raise ConfigError(
-            f"train.embedding_updates=sparse needs ZeRO-0, but this run is at ZeRO-{zero_stage} "
-            "(ZeRO-1/2/3 keep gradients in flat partitions with no sparse form): use dense"
-        )
-    sparse = tc.embedding_updates == "sparse"
+    sparse = embedding_updates(tc.embedding_updates, zero_stage, world, on_gpu, "optimizer" in tc.deepspeed)
     return EngineSpec(
         learning_rate=tc.learning_rate,
         weight_decay=tc.weight_decay,
@@ -530,6 +534,48 @@ def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> Engi
         on_gpu=on_gpu,
         sparse_embeddings=sparse,
     )
+
+
+def embedding_updates(
+    setting: str, zero_stage: int, world: int, on_gpu: bool, own_optimizer: bool = False
+) -> bool:
+    """train.embedding_updates as "sparse or not" (logged when auto chooses).
+
+    auto is sparse for one CPU worker at ZeRO-0, where it was measured to pay and to keep F1
+    (bench/embeddings.py, bench/quality.py: one epoch of 3000 CoNLL-2003 sentences at 4 per step,
+    seeds 1 2 3: dev F1 0.819 0.802 0.809 in 72-75 s against dense 0.796 0.807 in 173-178 s; the
+    optimizer step 0.02 s against 0.10 s), and dense elsewhere: ZeRO-1/2/3 keep gradients in
+    flat partitions with no sparse form, and on a GPU dense fused AdamW is a few milliseconds.
+    """
+    if setting == "sparse":
+        if zero_stage != 0:
+            raise ConfigError(
+                f"train.embedding_updates=sparse needs ZeRO-0, but this run is at ZeRO-{zero_stage} "
+                "(ZeRO-1/2/3 keep gradients in flat partitions with no sparse form): use dense or auto"
+            )
+        return True
+    if setting == "dense":
+        return False
+    if own_optimizer:
+        why, sparse = "train.deepspeed names its own optimizer", False
+    elif on_gpu:
+        why, sparse = "on a GPU dense AdamW is a few milliseconds a step", False
+    elif zero_stage != 0:
+        why, sparse = f"ZeRO-{zero_stage} has no sparse gradients", False
+    elif world != 1:
+        why, sparse = f"{world} workers (measured for one)", False
+    else:
+        why, sparse = "one CPU worker at ZeRO-0: AdamW over the rows a step touches", True
+    log.info("train.embedding_updates=auto: %s (%s)", "sparse" if sparse else "dense", why)
+    return sparse
+
+
+def fit_embedding_updates(spec: EngineSpec, setting: str, model: torch.nn.Module) -> EngineSpec:
+    """The spec for this model: auto's sparse updates need an `nn.Embedding` word table."""
+    if spec.sparse_embeddings and setting == "auto" and sparse_embedding_table(model) is None:
+        log.info("train.embedding_updates=auto: dense after all (the model has no nn.Embedding word table)")
+        return dataclasses.replace(spec, sparse_embeddings=False)
+    return spec
 
 
 def attention_kernel(setting: str, spec: EngineSpec) -> str:
