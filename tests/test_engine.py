@@ -272,3 +272,36 @@ def test_row_sparse_state_survives_a_checkpoint_with_its_dtypes():
     assert theirs["row_step"].dtype == torch.int64 and theirs["step_coef"].dtype == torch.float64
     for key, value in mine.items():
         assert torch.equal(value, theirs[key]), key
+
+
+def test_row_sparse_records_grow_by_doubling_and_trimmed_records_resume_the_same():
+    # The per-step records (index t is step t) grow by doubling, not by one copy per step; a state
+    # whose records end at the current step (checkpoints written before that) trains on identically.
+    from raytag.trainer.engine import RowSparseAdamW, catch_up_rows, settle_before_lookup
+
+    _, sparse = _twin_tables()
+    opt = _train_twins(*_twin_tables()[:1], sparse, [[i % 12, (5 * i) % 12] for i in range(20)])
+    state = opt.state[sparse.weight]
+    assert 21 < state["step_coef"].numel() <= 64 and state["log_keep"].numel() == state["step_coef"].numel()
+    trimmed = copy.deepcopy(opt.state_dict())
+    for st in trimmed["state"].values():
+        if "step_coef" in st:
+            st["step_coef"], st["log_keep"] = st["step_coef"][:21].clone(), st["log_keep"][:21].clone()
+    twin = torch.nn.Embedding(12, 6, sparse=True)
+    twin.weight.data.copy_(sparse.weight.data)
+    kw = {"lr": 0.05, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    other = RowSparseAdamW(twin.parameters(), fused=True, **kw)
+    other.load_state_dict(trimmed)
+    settle_before_lookup(twin, other)
+    gen = torch.Generator().manual_seed(2)
+    for i in range(25):
+        x = torch.tensor([[(7 * i) % 12, 3]])
+        target = torch.randn(1, 2, 6, generator=gen)
+        for emb, o in ((sparse, opt), (twin, other)):
+            o.zero_grad()
+            ((emb(x) - target) ** 2).sum().backward()
+            o.step()
+    for o in (opt, other):
+        catch_up_rows(type("Engine", (), {"optimizer": o})())
+    assert torch.equal(sparse.weight, twin.weight)
+    assert other.state[twin.weight]["step_coef"].numel() >= 46

@@ -185,10 +185,14 @@ class RowSparseAdamW(torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         coef = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-        keep = float(state["log_keep"][-1]) + math.log1p(-lr * group["weight_decay"])
-        add = torch.tensor([coef, keep], dtype=torch.float64, device=state["step_coef"].device)
-        state["step_coef"] = torch.cat([state["step_coef"], add[:1]])
-        state["log_keep"] = torch.cat([state["log_keep"], add[1:]])
+        keep = float(state["log_keep"][t - 1]) + math.log1p(-lr * group["weight_decay"])
+        if t >= state["step_coef"].numel():  # the records grow by doubling: index t, not the end, is step t
+            grow = max(t + 1, 2 * state["step_coef"].numel())
+            for key in ("step_coef", "log_keep"):
+                old = state[key]
+                state[key] = torch.cat([old, old.new_zeros(grow - old.numel())])
+        state["step_coef"][t] = coef
+        state["log_keep"][t] = keep
 
     def _settle(
         self,
