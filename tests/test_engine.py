@@ -277,10 +277,10 @@ def test_row_sparse_state_survives_a_checkpoint_with_its_dtypes():
 def test_row_sparse_records_grow_by_doubling_and_trimmed_records_resume_the_same():
     # The per-step records (index t is step t) grow by doubling, not by one copy per step; a state
     # whose records end at the current step (checkpoints written before that) trains on identically.
-    from raytag.trainer.engine import RowSparseAdamW, catch_up_rows, settle_before_lookup
+    from raytag.trainer.engine import RowSparseAdamW, settle_before_lookup
 
-    _, sparse = _twin_tables()
-    opt = _train_twins(*_twin_tables()[:1], sparse, [[i % 12, (5 * i) % 12] for i in range(20)])
+    dense, sparse = _twin_tables()
+    opt = _train_twins(dense, sparse, [[i % 12, (5 * i) % 12] for i in range(20)])
     state = opt.state[sparse.weight]
     assert 21 < state["step_coef"].numel() <= 64 and state["log_keep"].numel() == state["step_coef"].numel()
     trimmed = copy.deepcopy(opt.state_dict())
@@ -302,6 +302,6 @@ def test_row_sparse_records_grow_by_doubling_and_trimmed_records_resume_the_same
             ((emb(x) - target) ** 2).sum().backward()
             o.step()
     for o in (opt, other):
-        catch_up_rows(type("Engine", (), {"optimizer": o})())
+        o.catch_up()
     assert torch.equal(sparse.weight, twin.weight)
     assert other.state[twin.weight]["step_coef"].numel() >= 46

@@ -93,7 +93,8 @@ def test_auto_embedding_updates_are_sparse_for_one_cpu_worker_only(caplog):
         gpu = engine_spec(cfg, world=1, total_steps=10, on_gpu=True)
     assert not gpu.sparse_embeddings and "auto: dense (on a GPU" in caplog.text
 
-    # A model without an nn.Embedding word table: auto falls back to dense, sparse keeps its error.
+    # A model without an nn.Embedding word table: auto falls back to dense; an explicit sparse stays
+    # sparse (build_engine then refuses the model).
     class NoTable(torch.nn.Module):
         def get_input_embeddings(self):
             return torch.nn.EmbeddingBag(10, 4)

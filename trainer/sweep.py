@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -226,8 +227,6 @@ def _trial_main(config: dict[str, Any]) -> None:
             tune.report({METRIC: metrics["eval_f1"], "step": metrics["step"]})
 
     if cfg.scaling.num_workers == 1:
-        import os
-
         from .loop import train_loop
 
         # A world of one of its own: a process-group address inherited from the node's environment
@@ -343,7 +342,6 @@ def _prepare(trials: list[Trial]) -> None:
 
 
 def _tune(base: Config, trials: list[Trial], max_concurrent: int | None, early_stop: bool) -> None:
-    import os
     import tempfile
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the sweep prints its own table; no Tune banners
