@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) trainer/main.py --config configs/demo.yaml run.new_run=true
 
+# -X faulthandler: a crash, also one at the interpreter's exit after pytest's summary, prints
+# every thread's Python stack (pytest's own handler covers only the session).
 test: install
-	$(PY) -m pytest -ra
+	$(PY) -X faulthandler -m pytest -ra
 
 test-fast: install
-	$(PY) -m pytest -ra -m "not slow and not integration and not distributed"
+	$(PY) -X faulthandler -m pytest -ra -m "not slow and not integration and not distributed"
 
 lint: install
 	$(PY) -m ruff check .

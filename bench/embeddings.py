@@ -44,7 +44,13 @@ MODES = ("dense", "sparse")
 def step_worker(mode: str, precision: str, batch: int, steps: int) -> dict:
     import torch
 
-    from raytag.trainer.engine import EngineSpec, build_engine, catch_up_rows, resolve_precision
+    from raytag.trainer.engine import (
+        EngineSpec,
+        build_engine,
+        catch_up_rows,
+        end_local_process_group,
+        resolve_precision,
+    )
     from raytag.trainer.model import load_model, load_tokenizer
 
     tok = load_tokenizer(str(quality.ENCODER))
@@ -80,6 +86,7 @@ def step_worker(mode: str, precision: str, batch: int, steps: int) -> dict:
     t0 = time.perf_counter()
     catch_up_rows(engine)  # before an evaluation: every row brought up to the current step (sparse)
     catch_up_s = time.perf_counter() - t0
+    end_local_process_group()
     return {
         "precision": prec,
         "step_s": statistics.mean(step_s),

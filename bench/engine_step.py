@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def worker(model_name: str, stage: int, steps: int, batch: int, length: int) -> dict:
     import torch
 
-    from raytag.trainer.engine import EngineSpec, build_engine
+    from raytag.trainer.engine import EngineSpec, build_engine, end_local_process_group
     from raytag.trainer.model import load_model, load_tokenizer
 
     torch.manual_seed(0)
@@ -51,6 +51,7 @@ def worker(model_name: str, stage: int, steps: int, batch: int, length: int) -> 
             times["forward"].append(t1 - t0)
             times["backward"].append(t2 - t1)
             times["step"].append(t3 - t2)
+    end_local_process_group()
     return {k: statistics.mean(v) for k, v in times.items()}
 
 

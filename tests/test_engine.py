@@ -8,12 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytag.trainer.engine import EngineSpec, build_engine, catch_up_rows
+from raytag.trainer.engine import EngineSpec, build_engine, catch_up_rows, end_local_process_group
 from raytag.trainer.model import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow  # builds DeepSpeed engines (and the process group) in this process
 
 LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+
+
+@pytest.fixture(autouse=True)
+def _end_the_process_group():
+    """Each test's engines start a group in this process: end it, as a run does."""
+    yield
+    end_local_process_group()
 
 
 def _train_step(engine, x: torch.Tensor, y: torch.Tensor):

@@ -55,6 +55,38 @@ def test_two_zero2_steps_lower_the_loss(tmp_path, caplog):
     assert got[2] < got[1] - 0.05, got
 
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_a_local_run_ends_the_process_group_it_started_and_leaves_a_launchers_alone(tmp_path, monkeypatch):
+    # torch's rule: destroy_process_group() before the process exits. A gloo group left to the
+    # interpreter's teardown can crash the exit of a run that finished (pytorch/pytorch#179291).
+    import os
+    import socket
+
+    tiny = ("data.max_train_samples=8", "data.max_eval_samples=8", "train.max_steps=1")
+    assert not torch.distributed.is_initialized()
+    env = {k: os.environ.get(k) for k in DIST_ENV}
+    run(tmp_path, "own", *tiny)
+    assert not torch.distributed.is_initialized()
+    assert {k: os.environ.get(k) for k in DIST_ENV} == env  # the next run picks its own port
+    run(tmp_path, "again", *tiny)  # and starts a group of its own
+    assert not torch.distributed.is_initialized()
+
+    # A launcher's group (Ray Train's TorchConfig starts one in each worker) outlives the run.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in zip(DIST_ENV, ("0", "0", "1", "127.0.0.1", str(port)), strict=True):
+        monkeypatch.setenv(k, v)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        run(tmp_path, "launched", *tiny)
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("embeddings", ["dense", "sparse"])
 def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch, embeddings):
     # sparse: the rows' owed steps and per-step records travel in the optimizer state

@@ -12,16 +12,17 @@ from typing import Any
 import torch
 
 
-def _initialized() -> bool:
+def initialized() -> bool:
+    """Whether this process is in a torch.distributed group (a launcher's, or one a run started)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if _initialized() else 0
+    return torch.distributed.get_rank() if initialized() else 0
 
 
 def world() -> int:
-    return torch.distributed.get_world_size() if _initialized() else 1
+    return torch.distributed.get_world_size() if initialized() else 1
 
 
 def is_rank_zero() -> bool:
@@ -30,7 +31,7 @@ def is_rank_zero() -> bool:
 
 def backend_device() -> torch.device:
     """Where collective tensors must live: the current CUDA device under NCCL, else the CPU."""
-    if _initialized() and torch.distributed.get_backend() == "nccl":
+    if initialized() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

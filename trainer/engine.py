@@ -325,6 +325,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The variables `ensure_process_group_env` set itself (not a launcher's), for `end_local_process_group`.
+_ENV_SET_HERE: set[str] = set()
+
+
 def ensure_process_group_env() -> None:
     """One process without a launcher: DeepSpeed needs the torch.distributed env variables."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -332,14 +336,35 @@ def ensure_process_group_env() -> None:
             os.environ["LOCAL_RANK"] = (
                 "0"  # an earlier run in this process started the group; DeepSpeed reads it
             )
+            _ENV_SET_HERE.add("LOCAL_RANK")
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            env["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.update(env)
+    _ENV_SET_HERE.update(env)
+
+
+def end_local_process_group() -> None:
+    """End the process group a run without a launcher started (DeepSpeed does, in `build_engine`),
+    and forget the variables `ensure_process_group_env` set for it: the next run starts afresh.
+
+    torch's rule is one destroy_process_group() per process before it exits. A gloo group left
+    to the interpreter's teardown has worker threads that outlive Python and can crash the exit
+    of a run that finished (pytorch/pytorch#179291). Call it only for a group this process's
+    run started, never for a launcher's (Ray Train's TorchConfig ends its own).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # torch's, and DeepSpeed's references to the groups
+    for key in _ENV_SET_HERE:
+        os.environ.pop(key, None)
+    _ENV_SET_HERE.clear()
 
 
 def _skip_cpu_shm_build() -> None:

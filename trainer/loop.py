@@ -41,6 +41,7 @@ from .engine import (
     EngineSpec,
     build_engine,
     catch_up_rows,
+    end_local_process_group,
     full_state_dict,
     resolve_precision,
     sparse_embedding_table,
@@ -134,6 +135,8 @@ def train_loop(
     cfg: Config = from_dict(config)
     tc, mc, rc = cfg.train, cfg.model, cfg.run
     group = dist.group(int(os.environ.get("LOCAL_RANK", "0")))
+    # No launcher's group (Ray Train's): DeepSpeed starts one at engine build, and this run ends it.
+    own_group = not dist.initialized()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
@@ -403,6 +406,8 @@ def train_loop(
         if metrics is not None:
             metrics.close()
         run.close(success)
+        if own_group:
+            end_local_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
