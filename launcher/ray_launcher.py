@@ -202,18 +202,25 @@ class _DriverStop:
         self.flag, self.grace_s = flag, grace_s
         self.request: tuple[str, float] | None = None  # the first SIGTERM's (reason, deadline)
         self._wake = threading.Event()
-        threading.Thread(target=self._forward, name="raytag-stop", daemon=True).start()
+        self._thread = threading.Thread(target=self._forward, name="raytag-stop", daemon=True)
+        self._thread.start()
 
     def __call__(self, reason: str, deadline: float) -> None:  # in the signal handler
         if self.request is None:
             self.request = (f"{reason} by the driver", deadline)
             self._wake.set()
 
+    def close(self) -> None:
+        """The run is over (the SIGTERM handler restored): end the thread if no stop came."""
+        self._wake.set()
+        self._thread.join(timeout=30)  # a stop that came: its request is with the flag actor
+
     def _forward(self) -> None:
         import ray
 
         self._wake.wait()
-        assert self.request is not None
+        if self.request is None:
+            return  # closed: the run ended without a stop request
         reason, deadline = self.request
         wait_s = int(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3"))  # what `ray job stop` allows
         log.warning(
@@ -439,7 +446,8 @@ def launch(cfg: Config) -> dict[str, Any] | None:
         scaling_config=scaling,
         run_config=run_config,
     )
-    restore = on_sigterm(cfg.run.stop_grace_seconds, forward=_DriverStop(flag, cfg.run.stop_grace_seconds))
+    forward = _DriverStop(flag, cfg.run.stop_grace_seconds)
+    restore = on_sigterm(cfg.run.stop_grace_seconds, forward=forward)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the root cause's message, one line
@@ -457,6 +465,7 @@ def launch(cfg: Config) -> dict[str, Any] | None:
         raise LaunchError(f"the Ray Train run {cfg.run.name!r} failed: {last.strip()}") from None
     finally:
         restore()
+        forward.close()
     storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
     raw = storage.get_bytes(f"{cfg.run.name}/results.json")
     return json.loads(raw) if raw else None

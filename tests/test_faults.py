@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def test_worker_killed_as_its_checkpoint_upload_begins_resumes_from_that_checkpo
     monkeypatch.setenv("RAYTAG_FAULT_INJECT", f"1:4:{marker}:save")  # inherited by the workers Ray starts
     cfg = _s3_config(bucket, "lost", "scaling.max_failures=1", "train.max_steps=8", "train.save_every=4")
     results = launch(cfg)
+    assert "raytag-stop" not in {t.name for t in threading.enumerate()}  # the driver's forwarder ended
     assert marker.exists(), "the fault was never injected"
     assert results is not None and results["global_steps"] == 8
     assert results["resumed_from"] == "step-00000004"
@@ -119,7 +121,6 @@ def test_sigterm_to_the_driver_stops_every_worker_with_a_checkpoint_and_the_reru
     at their next step boundary; they save, upload, and the driver raises Preempted (exit 75).
     The same launch then continues from that checkpoint to the end."""
     import signal
-    import threading
 
     from raytag.launcher.ray_launcher import launch
     from raytag.trainer.stopping import Preempted

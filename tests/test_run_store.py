@@ -97,7 +97,9 @@ def test_parts_from_two_ranks_make_one_manifest_and_each_rank_fetches_only_its_f
     r1.close(success=False)
     r0.close(success=False)
 
-    info = RunStore.open(storage, RUN, group=Rank(0, 2), node="n1", owner="t", log=print).store.latest()
+    reader = RunStore.open(storage, RUN, group=Rank(0, 2), node="n1", owner="t", log=print)
+    info = reader.store.latest()
+    reader.close(success=False)  # its lease and heartbeat thread
     assert info is not None and info.name == "step-00000004"
     assert info.meta == {"best": "step-00000004", "world": 2}
     paths = {e["path"] for e in info.files}
