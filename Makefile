@@ -23,13 +23,13 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) trainer/main.py --config configs/demo.yaml run.new_run=true
 
-# -X faulthandler: a crash, also one at the interpreter's exit after pytest's summary, prints
-# every thread's Python stack (pytest's own handler covers only the session).
+# `-m tests`: pytest, then an exit without the interpreter's native teardown (tests/__main__.py
+# says why). -X faulthandler: a crash prints every thread's Python stack.
 test: install
-	$(PY) -X faulthandler -m pytest -ra
+	$(PY) -X faulthandler -m tests -ra
 
 test-fast: install
-	$(PY) -X faulthandler -m pytest -ra -m "not slow and not integration and not distributed"
+	$(PY) -X faulthandler -m tests -ra -m "not slow and not integration and not distributed"
 
 lint: install
 	$(PY) -m ruff check .
