@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from . import dist
+
 log = logging.getLogger("raytag")
 
 
@@ -331,12 +333,9 @@ _ENV_SET_HERE: set[str] = set()
 
 def ensure_process_group_env() -> None:
     """One process without a launcher: DeepSpeed needs the torch.distributed env variables."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if dist.initialized():
         if "LOCAL_RANK" not in os.environ and torch.distributed.get_world_size() == 1:
-            os.environ["LOCAL_RANK"] = (
-                "0"  # an earlier run in this process started the group; DeepSpeed reads it
-            )
-            _ENV_SET_HERE.add("LOCAL_RANK")
+            os.environ["LOCAL_RANK"] = "0"  # a group started by hand in this process; DeepSpeed reads it
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
@@ -358,7 +357,7 @@ def end_local_process_group() -> None:
     of a run that finished (pytorch/pytorch#179291). Call it only for a group this process's
     run started, never for a launcher's (Ray Train's TorchConfig ends its own).
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if dist.initialized():
         import deepspeed.comm
 
         deepspeed.comm.destroy_process_group()  # torch's, and DeepSpeed's references to the groups
