@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = importlib.util.spec_from_file_location("raytag_checkout_main", ROOT / "trainer" / "main.py")
         assert spec is not None and spec.loader is not None
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    from raytag.trainer.cli import main as raytag_main
+    from raytag.launcher.cli import main as raytag_main
     from raytag.trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad key fails here, before any figure

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from raytag.trainer.config import Config, ConfigError, to_dict
+from raytag.trainer.shards import Executor
 
 log = logging.getLogger("raytag")
 
@@ -70,7 +71,7 @@ def absolutize(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data, model=model, run=run)
 
 
-def _connect() -> None:
+def connect() -> None:
     """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local Ray instance."""
     import ray
 
@@ -81,6 +82,22 @@ def _connect() -> None:
         ray.init(log_to_driver=True)  # inside `ray job submit`: no num_cpus, the cluster decides
     else:
         ray.init()  # with the dashboard (ray[default]): progress and the state API the Train controller polls
+
+
+def _ray_map(fn: Any, calls: Any) -> list[Any]:
+    """fn(*call) for every call as Ray tasks (one CPU each, retried twice), results in order."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    refs = [remote.remote(*c) for c in calls]
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:  # the task's own error (e.g. a ConllError), one line
+        cause = getattr(e, "cause", None)
+        raise (cause if isinstance(cause, BaseException) else e) from None
+
+
+RAY_TASKS = Executor("ray", _ray_map)  # data preparation's per-file tasks spread over the cluster
 
 
 def _check_storage_fits_cluster(cfg: Config) -> None:
@@ -120,8 +137,8 @@ def _preflight(cfg: Config) -> Config:
     # Prepare the training shards once, here: the files spread over the cluster as Ray tasks (large
     # inputs), bad lines and tags surface as one error; the workers then find the shards.
     tokenizer_sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
-    _connect()
-    prepared = prepare(train_spec(cfg), tokenizer_sha, parallel="ray")
+    connect()
+    prepared = prepare(train_spec(cfg), tokenizer_sha, parallel=RAY_TASKS)
     labels = prepared.labels
     if not cfg.run.new_run and cfg.run.resume:  # a finished run too: it may be asked to train longer
         info = CheckpointStore(storage, cfg.run.name, log=log.info).latest()
@@ -288,7 +305,7 @@ def _ray_job_gone(lease: dict[str, Any]) -> str | None:
     job = lease.get("ray_job")
     if not job or not lease.get("ray_cluster"):
         return None
-    _connect()
+    connect()
     if _cluster_id() != lease["ray_cluster"]:
         return None  # another cluster's job: only its heartbeat can tell
     import ray
@@ -311,8 +328,9 @@ def _train_worker(job: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from raytag.trainer.cli import setup_logging
     from raytag.trainer.loop import train_loop
+
+    from .logs import setup_logging
 
     setup_logging()
 

@@ -177,7 +177,7 @@ def test_hf_dataset_rows_become_iob2_sentences():
 def test_log_lines_never_show_the_secret_key():
     code = (
         "import logging\n"
-        "from raytag.trainer.cli import setup_logging\n"
+        "from raytag.launcher.logs import setup_logging\n"
         "from raytag.trainer.progress import ProgressView\n"
         "setup_logging()\n"
         "logging.getLogger('raytag').info('endpoint said: bad key %s', 'Sekr3t-Value-x9')\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from raytag.trainer.cli import main
+from raytag.launcher.cli import main
 from raytag.trainer.plots import PLOTS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -120,7 +120,7 @@ def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(
 def report_of_bucket_run(uri: str, results: dict, tmp_path: Path, monkeypatch, capsys) -> None:
     """`report s3://...` reads the run from the bucket (endpoint and keys from the environment) and
     writes ./<run-name>-report.html with every plot embedded; the secret key appears nowhere."""
-    from raytag.trainer.cli import main
+    from raytag.launcher.cli import main
     from raytag.trainer.plots import PLOTS
 
     monkeypatch.chdir(tmp_path)

@@ -33,7 +33,7 @@ except ImportError:
         _spec.loader.exec_module(_mod)
         setattr(_pkg, _name, _mod)
 
-from raytag.trainer.cli import main  # noqa: E402
+from raytag.launcher.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

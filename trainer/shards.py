@@ -201,14 +201,14 @@ def prepare(
     spec: PrepareSpec,
     tokenizer_sha: str,
     *,
-    executor: str = "auto",
-    parallel: str = "processes",
+    executor: Executor | None = None,
+    parallel: Executor | None = None,
     rebuild: bool = False,
     say: Callable[[str], object] = log.info,
 ) -> Prepared:
-    """Find the preparation of `spec`'s inputs, or make it. `executor`: "inline", "processes", "ray",
-    or "auto" (inline for small inputs, else `parallel`). Raises ConllError for bad input lines,
-    StorageError for unreachable inputs or storage."""
+    """Find the preparation of `spec`'s inputs, or make it. `executor` runs the per-file tasks
+    (None: INLINE for small inputs, else `parallel`, default PROCESSES; the Ray launcher passes
+    Ray tasks). Raises ConllError for bad input lines, StorageError for unreachable inputs or storage."""
     from raytag.cluster.storage import list_inputs
 
     inputs = {
@@ -231,8 +231,8 @@ def prepare(
     say(f"preparing training data into {store.display(fp + '/')} (fingerprint {fp})")
     store.delete_prefix(fp)  # a half-written or broken earlier attempt
     total_bytes = sum(f.size for files in inputs.values() for f in files)
-    if executor == "auto":
-        executor = "inline" if total_bytes < INLINE_BYTES else parallel
+    if executor is None:
+        executor = INLINE if total_bytes < INLINE_BYTES else (parallel or PROCESSES)
     opts = {
         "tag_scheme": spec.tag_scheme,
         "strict": spec.strict,
@@ -338,12 +338,12 @@ def prepare(
             "max_sentences": spec.max_sentences,
         },
         "prepare_seconds": round(time.monotonic() - started, 3),
-        "executor": executor,
+        "executor": executor.name,
     }
     store.put_bytes(f"{fp}/{MANIFEST}", json.dumps(manifest, indent=1).encode())  # last: marks it complete
     say(
         f"prepared {manifest['sentences']} sentences -> {len(shards_meta)} shards, {len(len_col)} windows in "
-        f"{manifest['prepare_seconds']:.1f} s ({executor}): {store.display(fp + '/')}"
+        f"{manifest['prepare_seconds']:.1f} s ({executor.name}): {store.display(fp + '/')}"
     )
     return Prepared(
         store.display(fp),
@@ -508,29 +508,35 @@ def _encode_file(
     return out
 
 
-def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], executor: str) -> list[Any]:
-    """fn(*call) for every call, results in order: in-process, in a process pool, or as Ray tasks."""
-    if executor == "inline" or len(calls) <= 1:
-        return [fn(*c) for c in calls]
-    if executor == "ray":
-        import ray
+@dataclass(frozen=True)
+class Executor:
+    """How preparation runs its per-file tasks: `map(fn, calls)` gives fn(*call) for every call,
+    results in order; `name` goes into the manifest and the log. The Ray launcher builds one of Ray
+    tasks (raytag.launcher.ray_launcher.RAY_TASKS): this module knows nothing of Ray."""
 
-        remote = ray.remote(num_cpus=1, max_retries=2)(fn)
-        refs = [remote.remote(*c) for c in calls]
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as e:  # the task's own error (e.g. a ConllError), one line
-            cause = getattr(e, "cause", None)
-            raise (cause if isinstance(cause, BaseException) else e) from None
-    if executor == "processes":
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    name: str
+    map: Callable[[Callable[..., Any], Sequence[tuple]], list[Any]]
 
-        workers = min(len(calls), os.cpu_count() or 1)
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            return list(pool.map(fn, *zip(*calls, strict=True)))
-    raise ValueError(f"unknown executor {executor!r}")
+
+def _in_processes(fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(len(calls), os.cpu_count() or 1)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(fn, *zip(*calls, strict=True)))
+
+
+INLINE = Executor("inline", lambda fn, calls: [fn(*c) for c in calls])
+PROCESSES = Executor("processes", _in_processes)
+
+
+def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], executor: Executor) -> list[Any]:
+    """fn(*call) for every call, results in order (one call or none: in this process)."""
+    if len(calls) <= 1:
+        return INLINE.map(fn, calls)
+    return executor.map(fn, calls)
 
 
 # ---------------------------------------------------------------------------------------------

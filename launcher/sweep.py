@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, from_dict, load_config, to_dict
+from raytag.trainer.config import Config, ConfigError, from_dict, load_config, to_dict
 
 log = logging.getLogger("raytag")
 
@@ -216,7 +216,7 @@ def _trial_main(config: dict[str, Any]) -> None:
     """A Tune trial: one raytag run (in this process, or on Ray Train for several workers)."""
     from ray import tune
 
-    from .cli import setup_logging
+    from .logs import setup_logging
 
     setup_logging()  # the run's log lines, forwarded by Ray to the sweep's console
     cfg = from_dict(config["trial"]["config"])
@@ -227,7 +227,7 @@ def _trial_main(config: dict[str, Any]) -> None:
             tune.report({METRIC: metrics["eval_f1"], "step": metrics["step"]})
 
     if cfg.scaling.num_workers == 1:
-        from .loop import train_loop
+        from raytag.trainer.loop import train_loop
 
         # A world of one of its own: a process-group address inherited from the node's environment
         # (where a driver's in-process run set it) would be every concurrent trial's, and taken.
@@ -235,7 +235,7 @@ def _trial_main(config: dict[str, Any]) -> None:
             os.environ.pop(key, None)
         results = train_loop(to_dict(cfg), report)
     else:
-        from raytag.launcher.ray_launcher import launch
+        from .ray_launcher import launch
 
         results = launch(cfg)
     results = results or {}
@@ -266,8 +266,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Plan, skip finished trials, run the rest on Ray Tune, write sweep.json and sweep.md; return the record."""
     from raytag.cluster.storage import open_storage
-
-    from .loop import trains_longer
+    from raytag.trainer.loop import trains_longer
 
     base, axes, trials = plan(config_path, items, samples, seed)
     rc = base.run
@@ -330,8 +329,9 @@ def run_sweep(
 
 def _prepare(trials: list[Trial]) -> None:
     """Prepare each distinct training set once, before the trials start (trials then find it)."""
-    from .cli import prepare_only
-    from .shards import spec_from_config
+    from raytag.trainer.shards import spec_from_config
+
+    from .dispatch import prepare_only
 
     done: list[Any] = []
     for t in trials:
@@ -348,9 +348,9 @@ def _tune(base: Config, trials: list[Trial], max_concurrent: int | None, early_s
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # the trials' log lines are alike; keep each
     from ray import tune
 
-    from raytag.launcher.ray_launcher import _connect
+    from .ray_launcher import connect
 
-    _connect()
+    connect()
     by_name = {t.name: t for t in trials}
     trainable = tune.with_resources(_trial_main, _resources(base))
     scheduler = None

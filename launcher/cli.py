@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, describe_keys, load_config, to_dict
+from raytag.trainer.config import ConfigError, describe_keys, load_config
+
+from .dispatch import prepare_only, run
+from .logs import setup_logging
 
 log = logging.getLogger("raytag")
 
@@ -30,12 +32,12 @@ USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
 def _user_errors() -> tuple[type[BaseException], ...]:
     from raytag.cluster.checkpoints import CheckpointUploadError
     from raytag.cluster.storage import StorageError
-    from raytag.launcher.ray_launcher import LaunchError
+    from raytag.trainer.conll import ConllError
+    from raytag.trainer.predict import PredictError
+    from raytag.trainer.report import ReportError
+    from raytag.trainer.shards import ShardError
 
-    from .conll import ConllError
-    from .predict import PredictError
-    from .report import ReportError
-    from .shards import ShardError
+    from .ray_launcher import LaunchError
 
     return (
         ConfigError,
@@ -48,33 +50,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         PredictError,
         OSError,  # files and model folders that cannot be read (FileNotFoundError included)
     )
-
-
-class RedactSecrets(logging.Filter):
-    """Strip known secret values (the AWS secret key, session token) from every log line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from raytag.cluster.storage import redact
-
-        text = record.getMessage()
-        clean = redact(text)
-        if clean != text:
-            record.msg, record.args = clean, ()
-        return True
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s raytag %(levelname)s %(message)s", stream=sys.stderr
-    )
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
-            handler.addFilter(RedactSecrets())
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,59 +155,17 @@ def resolve_config_path(path: str | None) -> Path:
     return Path(path)
 
 
-def run(cfg: Config) -> dict | None:
-    """Local single-node mode in-process, or a Ray Train run when more workers or a cluster are asked for."""
-    from .stopping import on_sigterm
-
-    if cfg.scaling.num_workers == 1 and not _ray_cluster_reachable():
-        from .loop import train_loop
-
-        restore = on_sigterm(cfg.run.stop_grace_seconds)  # SIGTERM: checkpoint at the next step, exit 75
-        try:
-            return train_loop(to_dict(cfg))
-        finally:
-            restore()
-    from raytag.launcher.ray_launcher import launch
-
-    return launch(cfg)  # the driver forwards SIGTERM (`ray job stop`) to its workers
-
-
-def prepare_only(cfg: Config, rebuild: bool = False, executor: str = "auto") -> str:
-    """`prepare`: make (or find) the training shards of `cfg` and return where they are. Under
-    `ray job submit` (or RAY_ADDRESS) large inputs are spread over the cluster as Ray tasks;
-    `executor` forces one way (inline, processes, ray)."""
-    from .loop import tokenizer_fingerprint, train_spec
-    from .model import load_tokenizer
-    from .shards import prepare
-
-    parallel = "processes"
-    if _ray_cluster_reachable() or executor == "ray":
-        from raytag.launcher.ray_launcher import _connect
-
-        _connect()
-        parallel = "ray"
-    sha = tokenizer_fingerprint(load_tokenizer(cfg.model.name_or_path))
-    found = prepare(train_spec(cfg), sha, executor=executor, parallel=parallel, rebuild=rebuild)
-    return found.uri
-
-
-def _ray_cluster_reachable() -> bool:
-    """Inside `ray job submit` (or with RAY_ADDRESS set) the run goes through Ray Train."""
-    return bool(os.environ.get("RAY_ADDRESS")) or bool(os.environ.get("RAY_JOB_ID"))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     errors = _user_errors()
     from raytag.cluster.storage import redact
-
-    from .stopping import EXIT_PREEMPTED, Preempted
+    from raytag.trainer.stopping import EXIT_PREEMPTED, Preempted
 
     try:
         if argv and argv[0] == "predict":
             args = predict_parser().parse_args(argv[1:])
-            from .predict import predict
+            from raytag.trainer.predict import predict
 
             scores = predict(
                 args.model, args.input, args.output, args.format, output_format=args.output_format
@@ -247,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if argv and argv[0] == "report":
             args = report_parser().parse_args(argv[1:])
-            from .report import report
+            from raytag.trainer.report import report
 
             page, lines = report(args.run, args.output)
             width = max(len(k) for k, _ in lines)
@@ -284,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         cfg = load_config(resolve_config_path(args.config), args.overrides)
         if args.print_config:
-            from .config import dump_yaml
+            from raytag.trainer.config import dump_yaml
 
             sys.stdout.write(dump_yaml(cfg))
             return 0
