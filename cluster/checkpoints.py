@@ -13,7 +13,6 @@ outputs (metrics.jsonl, results.json, model/) in the background.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -27,16 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .storage import (
-    TMP_MARK,
-    RetryPolicy,
-    Storage,
-    StorageError,
-    check_key,
-    join_key,
-    redact,
-    with_retries,
-)
+from .digest import sha256_file
+from .keys import TMP_MARK, check_key, join_key
+from .retry import RetryPolicy, with_retries
+from .secrets import redact
+from .storage import Storage, StorageError
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
@@ -86,17 +80,6 @@ class CheckpointVerifyError(Exception):
 # --------------------------------------------------------------------------- manifests
 
 
-def hash_file(path: Path) -> tuple[int, str]:
-    """(size, sha256 hex) of ``path``; raises OSError if it cannot be read."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def local_files(folder: Path) -> list[str]:
     """Relative '/'-paths of every file below ``folder``, sorted; the manifest and temp files left out."""
     found = []
@@ -112,8 +95,8 @@ def file_entries(folder: Path, paths: list[str] | None = None) -> list[dict[str,
     """Manifest entries ({path, size, sha256}) for ``paths`` of ``folder`` (default: every file)."""
     entries = []
     for rel in local_files(folder) if paths is None else sorted(paths):
-        size, sha = hash_file(folder / rel)
-        entries.append({"path": rel, "size": size, "sha256": sha})
+        path = folder / rel
+        entries.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
     return entries
 
 
@@ -546,7 +529,7 @@ class CheckpointStore:
         for entry in info.files:
             path = folder / entry["path"]
             try:
-                size, sha = hash_file(path)
+                size, sha = path.stat().st_size, sha256_file(path)
             except OSError as exc:
                 raise CheckpointVerifyError(
                     f"checkpoint {info.name} file {entry['path']} cannot be read from {folder}: {exc}"

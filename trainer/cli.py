@@ -54,7 +54,7 @@ class RedactSecrets(logging.Filter):
     """Strip known secret values (the AWS secret key, session token) from every log line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from raytag.cluster.storage import redact
+        from raytag.cluster.secrets import redact
 
         text = record.getMessage()
         clean = redact(text)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     errors = _user_errors()
-    from raytag.cluster.storage import redact
+    from raytag.cluster.secrets import redact
 
     from .stopping import EXIT_PREEMPTED, Preempted
 
