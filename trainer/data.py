@@ -10,7 +10,7 @@ from pathlib import Path
 from raytag.cluster.digest import sha256_bytes, sha256_file
 
 from .config import ConfigError
-from .conll import ConllFile, Sentence, label_list, read_conll
+from .conll import ConllFile, ConllOptions, Sentence, label_list, read_conll
 
 log = logging.getLogger("raytag")
 
@@ -56,21 +56,18 @@ def read_split(
 ) -> Split:
     """Read one CoNLL split (a local file or an s3:// object, with run.storage's endpoint and
     credential rules); raises ConllError naming file and line, StorageError for an unreadable object."""
+    options = ConllOptions(tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels)
     if path.startswith("s3://"):
         from raytag.cluster.inputs import read_input
 
         from .conll import parse_conll_bytes
 
         data = read_input(path, endpoint_url=endpoint_url, region=region)
-        cf: ConllFile = parse_conll_bytes(
-            data, path, tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels
-        )
+        cf: ConllFile = parse_conll_bytes(data, path, options)
         real, sha = path, sha256_bytes(data)
     else:
         real = resolve_path(path)
-        cf = read_conll(
-            real, tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels
-        )
+        cf = read_conll(real, options)
         sha = sha256_file(real)
     if cf.repaired:
         log.warning(

@@ -410,17 +410,13 @@ def _read_file(uri: str, limit: int | None, opts: dict[str, Any]) -> Any:
     """Read and validate one input file (a ConllFile); ConllError names the file and line."""
     from raytag.cluster.inputs import read_input
 
-    from .conll import parse_conll_bytes
+    from .conll import ConllOptions, parse_conll_bytes
 
     data = read_input(uri, endpoint_url=opts["endpoint_url"], region=opts["region"])
-    return parse_conll_bytes(
-        data,
-        uri,
-        tag_scheme=opts["tag_scheme"],
-        strict=opts["strict"],
-        max_sentences=limit,
-        labels=opts["labels"],
+    options = ConllOptions(
+        tag_scheme=opts["tag_scheme"], strict=opts["strict"], max_sentences=limit, labels=opts["labels"]
     )
+    return parse_conll_bytes(data, uri, options)
 
 
 def _scan_file(uri: str, limit: int | None, opts: dict[str, Any]) -> dict[str, Any]:
