@@ -46,13 +46,13 @@ from .checkpoints import (
     CheckpointInfo,
     CheckpointStore,
     CheckpointUploadError,
-    RunFiles,
     checkpoint_name,
     file_entries,
     local_files,
 )
 from .digest import sha256_bytes, sha256_file
 from .keys import join_key
+from .run_files import RunFiles
 from .runlock import LOCK, RunLock, RunLockedError
 from .secrets import redact
 from .storage import Storage, StorageError

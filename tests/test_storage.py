@@ -19,13 +19,13 @@ from raytag.cluster.checkpoints import (
     CheckpointStore,
     CheckpointUploadError,
     CheckpointVerifyError,
-    RunFiles,
     checkpoint_name,
     select_keep,
 )
 from raytag.cluster.keys import is_remote
 from raytag.cluster.local_storage import LocalStorage
 from raytag.cluster.retry import RetryPolicy, with_retries
+from raytag.cluster.run_files import RunFiles
 from raytag.cluster.s3_storage import S3Storage
 from raytag.cluster.secrets import redact
 from raytag.cluster.storage import StorageError, open_storage
