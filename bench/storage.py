@@ -138,7 +138,7 @@ class Target:
 
     def storage(self) -> Any:
         """raytag's S3Storage on the bench's prefix (default transfer settings)."""
-        from raytag.cluster.storage import S3Storage
+        from raytag.cluster.s3_storage import S3Storage
 
         return S3Storage(
             self.bucket,

@@ -7,13 +7,12 @@ sha256, so a reader never mistakes a half-uploaded checkpoint for a resume point
 
 ``CheckpointStore`` uploads checkpoints beside training (a background thread pool),
 retries transient failures, keeps the latest + the best ``keep_best`` checkpoints, and
-picks the newest verified checkpoint to resume from. ``RunFiles`` uploads the other
-outputs (metrics.jsonl, results.json, model/) in the background.
+picks the newest verified checkpoint to resume from. ``RunFiles`` (``run_files.py``)
+uploads the other outputs (metrics.jsonl, results.json, model/) in the background.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -27,22 +26,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .storage import (
-    TMP_MARK,
-    RetryPolicy,
-    Storage,
-    StorageError,
-    check_key,
-    join_key,
-    redact,
-    with_retries,
-)
+from .digest import sha256_file
+from .keys import TMP_MARK, check_key, join_key
+from .retry import RetryPolicy, with_retries
+from .secrets import redact
+from .storage import Storage
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 1
 _STEP_NAME = re.compile(r"^step-(\d+)$")
-_SNAPSHOT_LIMIT = 16 * 1024 * 1024
 
 Log = Callable[[str], Any]
 
@@ -86,17 +79,6 @@ class CheckpointVerifyError(Exception):
 # --------------------------------------------------------------------------- manifests
 
 
-def hash_file(path: Path) -> tuple[int, str]:
-    """(size, sha256 hex) of ``path``; raises OSError if it cannot be read."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def local_files(folder: Path) -> list[str]:
     """Relative '/'-paths of every file below ``folder``, sorted; the manifest and temp files left out."""
     found = []
@@ -112,8 +94,8 @@ def file_entries(folder: Path, paths: list[str] | None = None) -> list[dict[str,
     """Manifest entries ({path, size, sha256}) for ``paths`` of ``folder`` (default: every file)."""
     entries = []
     for rel in local_files(folder) if paths is None else sorted(paths):
-        size, sha = hash_file(folder / rel)
-        entries.append({"path": rel, "size": size, "sha256": sha})
+        path = folder / rel
+        entries.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
     return entries
 
 
@@ -395,7 +377,7 @@ class CheckpointStore:
         manifest_key = join_key(target, MANIFEST)
         manifest = build_manifest(local_dir, name, step, metrics, epoch, meta)
         self._call(lambda: self.storage.delete(manifest_key), f"removing the old manifest of {name}")
-        if not _is_target(self.storage, target, local_dir):
+        if not is_target(self.storage, target, local_dir):
             self._call(lambda: self.storage.delete_prefix(target), f"clearing {name}")
             self._upload_files(local_dir, target, [f["path"] for f in manifest["files"]])
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
@@ -546,7 +528,7 @@ class CheckpointStore:
         for entry in info.files:
             path = folder / entry["path"]
             try:
-                size, sha = hash_file(path)
+                size, sha = path.stat().st_size, sha256_file(path)
             except OSError as exc:
                 raise CheckpointVerifyError(
                     f"checkpoint {info.name} file {entry['path']} cannot be read from {folder}: {exc}"
@@ -592,7 +574,7 @@ class CheckpointStore:
         self.log(f"deleted checkpoint {name} ({why})")
 
 
-def _is_target(storage: Storage, key: str, local: Path) -> bool:
+def is_target(storage: Storage, key: str, local: Path) -> bool:
     """True when ``local`` already is the storage's own path for ``key`` (a LocalStorage)."""
     target = storage.local_path(key)
     if target is None:
@@ -601,124 +583,3 @@ def _is_target(storage: Storage, key: str, local: Path) -> bool:
         return target.resolve() == Path(local).resolve()
     except OSError:
         return False
-
-
-# --------------------------------------------------------------------------- other run files
-
-
-class RunFiles:
-    """Background upload of a run's other outputs (metrics.jsonl, results.json, model/).
-
-    One worker thread works through a queue keyed by destination: syncing a file again
-    before its upload started replaces the queued job, so only the newest content is sent.
-    Files up to 16 MiB are read when their upload starts (a snapshot); larger ones are
-    streamed. Paths that already are the storage's own files (LocalStorage) are not copied.
-    Failures (after retries) raise StorageError from ``wait``/``close``.
-    """
-
-    def __init__(
-        self,
-        storage: Storage,
-        run_prefix: str,
-        *,
-        retries: int = 5,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 8.0,
-        log: Log = print,
-        retry_budget_s: float | None = None,
-    ) -> None:
-        self.storage = storage
-        self.prefix = run_prefix.strip("/")
-        self._retry = (
-            RetryPolicy.for_seconds(retry_budget_s, backoff_s, max_backoff_s)
-            if retry_budget_s is not None
-            else RetryPolicy(retries, backoff_s, max_backoff_s)
-        )
-        self._log = log
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="raytag-runfiles")
-        self._lock = threading.Lock()
-        self._queue: dict[str, tuple[str, Path]] = {}
-        self._futures: list[Future] = []
-        self._draining = False
-        self._errors: list[StorageError] = []
-
-    def sync(self, rel_key: str, local_path: Path) -> None:
-        """Upload ``local_path`` as ``<run>/<rel_key>`` in the background; raises FileNotFoundError."""
-        key = join_key(self.prefix, check_key(rel_key))
-        if not Path(local_path).is_file():
-            raise FileNotFoundError(f"cannot sync {local_path}: no such file")
-        if _is_target(self.storage, key, Path(local_path)):
-            return
-        self._enqueue(f"file:{key}", key, Path(local_path))
-
-    def sync_dir(self, rel_prefix: str, local_dir: Path) -> None:
-        """Upload every file of ``local_dir`` below ``<run>/<rel_prefix>/`` ('' = the run) in the background.
-
-        Files already there but absent locally are left alone. Raises NotADirectoryError.
-        """
-        rel_prefix = rel_prefix.strip("/")
-        key = join_key(self.prefix, check_key(rel_prefix) if rel_prefix else "")
-        if not Path(local_dir).is_dir():
-            raise NotADirectoryError(f"cannot sync {local_dir}: no such folder")
-        if _is_target(self.storage, key, Path(local_dir)):
-            return
-        self._enqueue(f"dir:{key}", key, Path(local_dir))
-
-    def _enqueue(self, job: str, key: str, path: Path) -> None:
-        with self._lock:
-            self._queue.pop(job, None)
-            self._queue[job] = (key, path)
-            if not self._draining:
-                self._draining = True
-                self._futures.append(self._worker.submit(self._drain))
-
-    def _drain(self) -> None:
-        """Run queued jobs until the queue is empty; record failures."""
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._draining = False
-                    return
-                job = next(iter(self._queue))
-                key, path = self._queue.pop(job)
-            try:
-                if job.startswith("dir:"):
-                    for rel in local_files(path):
-                        self._send(join_key(key, rel), path / rel)
-                else:
-                    self._send(key, path)
-            except Exception as exc:
-                error = StorageError(f"run file {key} was not saved to {self.storage.display(key)}: {exc}")
-                with self._lock:
-                    self._errors.append(error)
-
-    def _send(self, key: str, path: Path) -> None:
-        """Upload one file with retries (a snapshot of its bytes when small)."""
-        if path.stat().st_size <= _SNAPSHOT_LIMIT:
-            data = path.read_bytes()
-            action: Callable[[], Any] = lambda: self.storage.put_bytes(key, data)  # noqa: E731
-        else:
-            action = lambda: self.storage.put_file(key, path)  # noqa: E731
-        with_retries(action, what=f"uploading {key}", policy=self._retry, log=lambda m: self._log(redact(m)))
-
-    def wait(self) -> None:
-        """Block until every queued upload is done; raise StorageError for the first that failed."""
-        while True:
-            with self._lock:
-                pending = [f for f in self._futures if not f.done()]
-                self._futures = pending
-                if not pending and not self._draining:
-                    errors, self._errors = self._errors, []
-                    break
-            wait_futures(pending)
-        for extra in errors[1:]:
-            self._log(redact(f"also failed: {extra}"))
-        if errors:
-            raise errors[0]
-
-    def close(self) -> None:
-        """Wait for the uploads and stop the worker thread; raises like ``wait``."""
-        try:
-            self.wait()
-        finally:
-            self._worker.shutdown(wait=True)

@@ -28,7 +28,6 @@ node, keyed by the full run location (storage URI and run name), shared by the n
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 import shutil
@@ -47,14 +46,16 @@ from .checkpoints import (
     CheckpointInfo,
     CheckpointStore,
     CheckpointUploadError,
-    RunFiles,
     checkpoint_name,
     file_entries,
-    hash_file,
     local_files,
 )
+from .digest import sha256_bytes, sha256_file
+from .keys import join_key
+from .run_files import RunFiles
 from .runlock import LOCK, RunLock, RunLockedError
-from .storage import Storage, StorageError, join_key, redact
+from .secrets import redact
+from .storage import Storage, StorageError
 
 PARTS = ".parts"
 _RANKED = re.compile(r"(?:zero_pp_rank_|rng-rank)(\d+)")
@@ -161,7 +162,7 @@ def wipe_run(storage: Storage, name: str) -> None:
 def staging_folder(root: str | Path | None, storage_uri: str, name: str) -> Path:
     """The node-local working folder of a bucket run: keyed by the full run location, not the name alone."""
     base = Path(root) if root else Path(tempfile.gettempdir()) / "raytag-staging"
-    key = hashlib.sha256(f"{storage_uri.rstrip('/')}/{name}".encode()).hexdigest()[:16]
+    key = sha256_bytes(f"{storage_uri.rstrip('/')}/{name}".encode())[:16]
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64]
     return base / f"{safe}-{key}"
 
@@ -607,6 +608,6 @@ def _matches(path: Path, entry: dict[str, Any]) -> bool:
     try:
         if path.stat().st_size != entry["size"]:
             return False
-        return hash_file(path)[1] == entry["sha256"]
+        return sha256_file(path) == entry["sha256"]
     except OSError:
         return False

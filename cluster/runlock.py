@@ -45,7 +45,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .storage import ConditionalWriteUnsupported, Storage, StorageError, Versioned, join_key
+from .keys import join_key
+from .storage import ConditionalWriteUnsupported, Storage, StorageError, Versioned
 
 LOCK = "LOCK.json"
 ACQUIRE_ATTEMPTS = 8  # each lost race re-reads the lease; more losses than this mean a storm of writers

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     errors = _user_errors()
-    from raytag.cluster.storage import redact
+    from raytag.cluster.secrets import redact
     from raytag.trainer.stopping import EXIT_PREEMPTED, Preempted
 
     try:

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from raytag.cluster.storage import redact
+from raytag.cluster.secrets import redact
 
 
 class RedactSecrets(logging.Filter):

@@ -122,9 +122,10 @@ def _preflight(cfg: Config) -> Config:
     that Ray restarts resumes the fresh run instead of wiping it again.
     """
     from raytag.cluster.checkpoints import CheckpointStore
+    from raytag.cluster.keys import join_key
     from raytag.cluster.run import wipe_run
     from raytag.cluster.runlock import RunLock
-    from raytag.cluster.storage import join_key, open_storage
+    from raytag.cluster.storage import open_storage
     from raytag.trainer.loop import check_resume, read_splits, tokenizer_fingerprint, train_spec
     from raytag.trainer.model import load_tokenizer
     from raytag.trainer.shards import prepare
@@ -170,7 +171,7 @@ def _ray_storage(cfg: Config) -> tuple[str, Any]:
         return str(Path(rc.storage) / rc.name), None
     import pyarrow.fs
 
-    from raytag.cluster.storage import split_s3_uri
+    from raytag.cluster.keys import split_s3_uri
 
     bucket, prefix = split_s3_uri(rc.storage)
     endpoint = (

@@ -14,6 +14,7 @@ import pytest
 from raytag.trainer.conll import (
     ConllError,
     ConllFile,
+    ConllOptions,
     Sentence,
     entity_types,
     label_list,
@@ -25,7 +26,7 @@ PATH = "data/x.txt"
 
 
 def parse(text: str, **kwargs: Any) -> ConllFile:
-    return parse_conll_lines(text.split("\n"), PATH, **kwargs)
+    return parse_conll_lines(text.split("\n"), PATH, ConllOptions(**kwargs))
 
 
 def tags_of(conll: ConllFile) -> list[tuple[str, ...]]:
@@ -311,4 +312,4 @@ def test_shared_corpora_counts(name: str) -> None:
     ]
     if name.startswith("conll2002/es/"):
         with pytest.raises(ConllError, match=r"^.+:\d+: tag 'I-[A-Z]+' starts an entity in IOB2 input"):
-            read_conll(path, strict=True)
+            read_conll(path, ConllOptions(strict=True))

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from raytag.cluster.local_storage import LocalStorage
 from raytag.cluster.run import RunStore, file_rank, needed_by, owned_by, staging_folder
-from raytag.cluster.storage import LocalStorage, StorageError
+from raytag.cluster.storage import StorageError
 from tests.test_storage import Wrapped
 
 RUN = "demo"

@@ -15,14 +15,10 @@ from typing import Any
 
 import pytest
 
+from raytag.cluster.local_storage import LocalStorage
 from raytag.cluster.runlock import LOCK, RunLock, RunLockedError, _machine, _proc_stat, process_gone
-from raytag.cluster.storage import (
-    ConditionalWriteUnsupported,
-    LocalStorage,
-    S3Storage,
-    Storage,
-    Versioned,
-)
+from raytag.cluster.s3_storage import S3Storage
+from raytag.cluster.storage import ConditionalWriteUnsupported, Storage, Versioned
 from tests.s3_server import S3TestServer
 
 RUN = "runs/r1"

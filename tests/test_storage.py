@@ -12,27 +12,23 @@ from typing import Any
 
 import pytest
 
-from raytag.cluster import storage as storage_mod
+from raytag.cluster import local_storage as local_storage_mod
 from raytag.cluster.checkpoints import (
     MANIFEST,
     CheckpointInfo,
     CheckpointStore,
     CheckpointUploadError,
     CheckpointVerifyError,
-    RunFiles,
     checkpoint_name,
     select_keep,
 )
-from raytag.cluster.storage import (
-    LocalStorage,
-    RetryPolicy,
-    S3Storage,
-    StorageError,
-    is_remote,
-    open_storage,
-    redact,
-    with_retries,
-)
+from raytag.cluster.keys import is_remote
+from raytag.cluster.local_storage import LocalStorage
+from raytag.cluster.retry import RetryPolicy, with_retries
+from raytag.cluster.run_files import RunFiles
+from raytag.cluster.s3_storage import S3Storage
+from raytag.cluster.secrets import redact
+from raytag.cluster.storage import StorageError, open_storage
 
 RUN = "runs/demo"
 
@@ -131,7 +127,7 @@ def test_local_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def broken_replace(src: Any, dst: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(storage_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(local_storage_mod.os, "replace", broken_replace)
     with pytest.raises(StorageError, match=str(tmp_path)) as info:
         st.put_bytes("k/v.json", b"new content")
     assert "No space left" in str(info.value)

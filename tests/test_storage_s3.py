@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from raytag.cluster.checkpoints import MANIFEST, CheckpointStore, CheckpointUploadError, checkpoint_name
-from raytag.cluster.storage import S3Storage, StorageError, open_storage
+from raytag.cluster.s3_storage import S3Storage
+from raytag.cluster.storage import StorageError, open_storage
 from tests.s3_server import S3TestServer, free_ports
 
 pytestmark = pytest.mark.integration

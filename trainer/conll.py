@@ -47,6 +47,7 @@ from pathlib import Path
 __all__ = [
     "ConllError",
     "ConllFile",
+    "ConllOptions",
     "Sentence",
     "entity_types",
     "label_list",
@@ -105,86 +106,20 @@ class ConllFile:
     docstarts: int  # -DOCSTART- lines seen
 
 
-def read_conll(
-    path: str | os.PathLike[str],
-    *,
-    tag_scheme: str = "auto",
-    strict: bool = False,
-    require_tags: bool = True,
-    max_sentences: int | None = None,
-    labels: Sequence[str] | None = None,
-) -> ConllFile:
-    """Read a CoNLL column file; see :func:`parse_conll_lines` for the keyword arguments.
-
-    Raises:
-        ConllError: the file is missing or unreadable (``"PATH: file not found"``), is not valid UTF-8
-            (``"PATH:LINE: not valid UTF-8 (byte 0xff at column 5)"``, the column counted in bytes from 1),
-            or its content is invalid (see :func:`parse_conll_lines`).
-        ValueError: an invalid ``tag_scheme`` or ``max_sentences``.
-    """
-    name = os.fspath(path)
-    _check_options(tag_scheme, max_sentences, labels)
-    try:
-        data = Path(name).read_bytes()
-    except FileNotFoundError:
-        raise ConllError(name, None, "file not found") from None
-    except IsADirectoryError:
-        raise ConllError(name, None, "is a directory, not a file") from None
-    except OSError as exc:
-        raise ConllError(name, None, f"cannot read file ({exc.strerror or exc})") from exc
-    return parse_conll_bytes(
-        data,
-        name,
-        tag_scheme=tag_scheme,
-        strict=strict,
-        require_tags=require_tags,
-        max_sentences=max_sentences,
-        labels=labels,
-    )
+def _check_options(tag_scheme: str, max_sentences: int | None, labels: Sequence[str] | None) -> None:
+    if tag_scheme not in TAG_SCHEMES:
+        raise ValueError(f"tag_scheme must be one of {', '.join(TAG_SCHEMES)}, got {tag_scheme!r}")
+    if max_sentences is not None and (isinstance(max_sentences, bool) or max_sentences < 1):
+        raise ValueError(f"max_sentences must be a positive integer or None, got {max_sentences!r}")
+    if isinstance(labels, str):
+        raise TypeError("labels must be a sequence of labels, not a single string")
 
 
-def parse_conll_bytes(
-    data: bytes,
-    name: str,
-    *,
-    tag_scheme: str = "auto",
-    strict: bool = False,
-    require_tags: bool = True,
-    max_sentences: int | None = None,
-    labels: Sequence[str] | None = None,
-) -> ConllFile:
-    """Parse the raw bytes of a CoNLL file named ``name`` (a path or an ``s3://`` object), as
-    :func:`read_conll` does after reading them; the same errors, naming ``name`` and the line."""
-    text = _decode_utf8(data, name)
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return parse_conll_lines(
-        text.split("\n"),
-        name,
-        tag_scheme=tag_scheme,
-        strict=strict,
-        require_tags=require_tags,
-        max_sentences=max_sentences,
-        labels=labels,
-    )
+@dataclass(frozen=True)
+class ConllOptions:
+    """How the readers (:func:`read_conll`, :func:`parse_conll_bytes`, :func:`parse_conll_lines`) read a file.
 
-
-def parse_conll_lines(
-    lines: Iterable[str],
-    path: str | os.PathLike[str],
-    *,
-    tag_scheme: str = "auto",
-    strict: bool = False,
-    require_tags: bool = True,
-    max_sentences: int | None = None,
-    labels: Sequence[str] | None = None,
-) -> ConllFile:
-    """Parse CoNLL lines (already decoded text, line 1 first) that came from ``path``.
-
-    A trailing ``"\\n"`` or ``"\\r\\n"`` on each line is ignored, so the lines of a text-mode file object
-    can be passed as they are. ``path`` only names the input in error messages and in the result.
-
-    Args:
+    Attributes:
         tag_scheme: ``"auto"``, ``"iob1"`` or ``"iob2"``: how to read the tags (module docstring).
         strict: refuse stray ``I-`` entity starts in IOB2 input instead of repairing them.
         require_tags: ``False`` reads the words only (unlabelled input for prediction): every line needs
@@ -196,15 +131,70 @@ def parse_conll_lines(
         labels: if given, every tag (after conversion to IOB2) must be one of these, e.g. the labels of
             the training set when reading an evaluation file.
 
+    Raises (on construction):
+        ValueError: an invalid ``tag_scheme`` or ``max_sentences``.
+        TypeError: ``labels`` is a single string.
+    """
+
+    tag_scheme: str = "auto"
+    strict: bool = False
+    require_tags: bool = True
+    max_sentences: int | None = None
+    labels: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        _check_options(self.tag_scheme, self.max_sentences, self.labels)
+
+
+_DEFAULTS = ConllOptions()
+
+
+def read_conll(path: str | os.PathLike[str], options: ConllOptions = _DEFAULTS) -> ConllFile:
+    """Read a CoNLL column file as ``options`` say (see :class:`ConllOptions`).
+
+    Raises:
+        ConllError: the file is missing or unreadable (``"PATH: file not found"``), is not valid UTF-8
+            (``"PATH:LINE: not valid UTF-8 (byte 0xff at column 5)"``, the column counted in bytes from 1),
+            or its content is invalid (see :func:`parse_conll_lines`).
+    """
+    name = os.fspath(path)
+    try:
+        data = Path(name).read_bytes()
+    except FileNotFoundError:
+        raise ConllError(name, None, "file not found") from None
+    except IsADirectoryError:
+        raise ConllError(name, None, "is a directory, not a file") from None
+    except OSError as exc:
+        raise ConllError(name, None, f"cannot read file ({exc.strerror or exc})") from exc
+    return parse_conll_bytes(data, name, options)
+
+
+def parse_conll_bytes(data: bytes, name: str, options: ConllOptions = _DEFAULTS) -> ConllFile:
+    """Parse the raw bytes of a CoNLL file named ``name`` (a path or an ``s3://`` object), as
+    :func:`read_conll` does after reading them; the same errors, naming ``name`` and the line."""
+    text = _decode_utf8(data, name)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return parse_conll_lines(text.split("\n"), name, options)
+
+
+def parse_conll_lines(
+    lines: Iterable[str], path: str | os.PathLike[str], options: ConllOptions = _DEFAULTS
+) -> ConllFile:
+    """Parse CoNLL lines (already decoded text, line 1 first) that came from ``path``, as ``options``
+    say (see :class:`ConllOptions`).
+
+    A trailing ``"\\n"`` or ``"\\r\\n"`` on each line is ignored, so the lines of a text-mode file object
+    can be passed as they are. ``path`` only names the input in error messages and in the result.
+
     Raises:
         ConllError: with ``"PATH:LINE: "`` naming the offending line: a line with one column when tags
             are required, a tag outside the IOB1/IOB2 scheme, a stray ``I-`` in strict IOB2 mode, a
             label outside ``labels``; ``"PATH: no sentences found"`` when there is no token at all.
-        ValueError: an invalid ``tag_scheme`` or ``max_sentences``.
-        TypeError: ``labels`` is a single string.
     """
     name = os.fspath(path)
-    _check_options(tag_scheme, max_sentences, labels)
+    tag_scheme, strict, require_tags = options.tag_scheme, options.strict, options.require_tags
+    max_sentences, labels = options.max_sentences, options.labels
     limit = max_sentences if max_sentences is not None else -1
 
     # Raw sentences: (words, tags, line of the first token). Tags are validated here, converted later.
@@ -297,15 +287,6 @@ def entity_types(labels: Iterable[str]) -> list[str]:
         if label != "O":
             types.add(label[2:])
     return sorted(types)
-
-
-def _check_options(tag_scheme: str, max_sentences: int | None, labels: Sequence[str] | None) -> None:
-    if tag_scheme not in TAG_SCHEMES:
-        raise ValueError(f"tag_scheme must be one of {', '.join(TAG_SCHEMES)}, got {tag_scheme!r}")
-    if max_sentences is not None and (isinstance(max_sentences, bool) or max_sentences < 1):
-        raise ValueError(f"max_sentences must be a positive integer or None, got {max_sentences!r}")
-    if isinstance(labels, str):
-        raise TypeError("labels must be a sequence of labels, not a single string")
 
 
 def _is_iob_tag(tag: str) -> bool:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from raytag.cluster.digest import sha256_bytes, sha256_file
+
 from .config import ConfigError
-from .conll import ConllFile, Sentence, label_list, read_conll
+from .conll import ConllFile, ConllOptions, Sentence, label_list, read_conll
 
 log = logging.getLogger("raytag")
 
@@ -22,12 +23,6 @@ def resolve_path(path: str) -> str:
         res = importlib.resources.files("raytag.trainer") / "assets" / path[len(BUILTIN) :]
         return str(res)
     return str(Path(path).expanduser().resolve())
-
-
-def file_sha256(path: str) -> str:
-    from raytag.cluster.storage import file_sha256 as sha
-
-    return sha(path)
 
 
 @dataclass
@@ -61,22 +56,19 @@ def read_split(
 ) -> Split:
     """Read one CoNLL split (a local file or an s3:// object, with run.storage's endpoint and
     credential rules); raises ConllError naming file and line, StorageError for an unreadable object."""
+    options = ConllOptions(tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels)
     if path.startswith("s3://"):
-        from raytag.cluster.storage import read_input
+        from raytag.cluster.inputs import read_input
 
         from .conll import parse_conll_bytes
 
         data = read_input(path, endpoint_url=endpoint_url, region=region)
-        cf: ConllFile = parse_conll_bytes(
-            data, path, tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels
-        )
-        real, sha = path, hashlib.sha256(data).hexdigest()
+        cf: ConllFile = parse_conll_bytes(data, path, options)
+        real, sha = path, sha256_bytes(data)
     else:
         real = resolve_path(path)
-        cf = read_conll(
-            real, tag_scheme=tag_scheme, strict=strict, max_sentences=max_sentences, labels=labels
-        )
-        sha = file_sha256(real)
+        cf = read_conll(real, options)
+        sha = sha256_file(real)
     if cf.repaired:
         log.warning(
             "%s: repaired %d stray I- tag(s) that started an entity to B- (conlleval's reading)",

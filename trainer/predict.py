@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .conll import parse_conll_lines, read_conll
+from .conll import ConllOptions, parse_conll_lines, read_conll
 from .scoring import chunks, score
 
 if TYPE_CHECKING:
@@ -89,14 +89,14 @@ def read_conll_input(path: str) -> tuple[list[tuple[str, ...]], list[tuple[str, 
         labelled = any(
             len(line.split()) > 1 for line in lines if line.strip() and not line.startswith("-DOCSTART-")
         )
-        cf = parse_conll_lines(lines, "<stdin>", require_tags=labelled)
+        cf = parse_conll_lines(lines, "<stdin>", ConllOptions(require_tags=labelled))
     else:
         with open(path, "rb") as f:
             head = [ln.decode("utf-8", "replace") for ln in f.readlines()[:50]]
         labelled = any(
             len(line.split()) > 1 for line in head if line.strip() and not line.startswith("-DOCSTART-")
         )
-        cf = read_conll(path, require_tags=labelled)
+        cf = read_conll(path, ConllOptions(require_tags=labelled))
     words = [s.words for s in cf.sentences]
     gold = [s.tags for s in cf.sentences] if labelled else None
     return words, gold

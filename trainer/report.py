@@ -74,7 +74,8 @@ def parse_predictions(text: str) -> tuple[list[list[str]], list[list[str]], list
 def read_run(uri: str) -> RunFiles:
     """Read a run's files from a local folder or an S3 prefix. Raises ReportError when there is no
     run there, StorageError when the storage cannot be read."""
-    from raytag.cluster.storage import is_remote, open_storage, split_s3_uri
+    from raytag.cluster.keys import is_remote, split_s3_uri
+    from raytag.cluster.storage import open_storage
 
     if is_remote(uri):
         bucket, prefix = split_s3_uri(uri)
@@ -396,7 +397,7 @@ def report_plots(run: RunFiles) -> dict[str, bytes]:
 
 def default_output(uri: str, name: str) -> Path:
     """`<RUN>/report.html` for a local run, `./<run-name>-report.html` for one in a bucket."""
-    from raytag.cluster.storage import is_remote
+    from raytag.cluster.keys import is_remote
 
     return Path(f"{name}-report.html") if is_remote(uri) else Path(uri).expanduser() / "report.html"
 

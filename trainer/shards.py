@@ -18,12 +18,11 @@ plan      (seed, epoch) -> whole shards drawn per corpus by weight -> shuffled -
 read      a rank loads only the shards of its own lanes, a group at a time per lane, sha256 checked
           before a byte is parsed: memory follows MIX_WINDOWS, not the corpus size.
 
-Only storage calls (cluster/storage.py) touch files and buckets here.
+Only storage calls (cluster/storage.py and the modules beside it) touch files and buckets here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from raytag.cluster.digest import sha256_bytes, sha256_file
 
 from .batching import POOL_BATCHES, StepPlan, plan_batches
 from .config import ConfigError
@@ -189,7 +190,7 @@ def fingerprint(spec: PrepareSpec, inputs: dict[str, list[Any]], tokenizer_sha: 
         "labels": list(spec.labels) if spec.labels else None,
         "shard_sentences": [SHARD_TARGET, SHARD_MIN_SENTENCES, SHARD_MAX_SENTENCES],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:24]
 
 
 def shard_sentences(n: int) -> int:
@@ -209,7 +210,7 @@ def prepare(
     """Find the preparation of `spec`'s inputs, or make it. `executor` runs the per-file tasks
     (None: INLINE for small inputs, else `parallel`, default PROCESSES; the Ray launcher passes
     Ray tasks). Raises ConllError for bad input lines, StorageError for unreachable inputs or storage."""
-    from raytag.cluster.storage import list_inputs
+    from raytag.cluster.inputs import list_inputs
 
     inputs = {
         c.name: [
@@ -326,7 +327,7 @@ def prepare(
         "windows": len(len_col),
         "corpora": corpora_meta,
         "shards": shards_meta,
-        "index": {"key": INDEX, "sha256": _sha256(index_bytes), "size": len(index_bytes)},
+        "index": {"key": INDEX, "sha256": sha256_bytes(index_bytes), "size": len(index_bytes)},
         "stats": stats,
         "settings": {
             "tokenizer": spec.tokenizer,
@@ -373,9 +374,14 @@ def find(store: Any, fp: str, say: Callable[[str], object] = log.info) -> Prepar
             say(f"prepared data: {store.display(key)} is missing or truncated; preparing again")
             return None
         local = store.local_path(key)
-        if local is not None and _file_sha256(local) != f["sha256"]:  # cheap where the bytes are local
-            say(f"prepared data: {store.display(key)} fails its sha256 check; preparing again")
-            return None
+        if local is not None:  # cheap where the bytes are local
+            try:
+                sha = sha256_file(local)
+            except OSError:
+                sha = ""  # unreadable: as good as corrupt
+            if sha != f["sha256"]:
+                say(f"prepared data: {store.display(key)} fails its sha256 check; preparing again")
+                return None
     index = _read_parquet(_verified(store, f"{fp}/{INDEX}", manifest["index"]["sha256"]))
     return Prepared(
         store.display(fp),
@@ -402,19 +408,15 @@ def open_prepared(uri: str, fp: str, endpoint_url: str | None = None, region: st
 
 def _read_file(uri: str, limit: int | None, opts: dict[str, Any]) -> Any:
     """Read and validate one input file (a ConllFile); ConllError names the file and line."""
-    from raytag.cluster.storage import read_input
+    from raytag.cluster.inputs import read_input
 
-    from .conll import parse_conll_bytes
+    from .conll import ConllOptions, parse_conll_bytes
 
     data = read_input(uri, endpoint_url=opts["endpoint_url"], region=opts["region"])
-    return parse_conll_bytes(
-        data,
-        uri,
-        tag_scheme=opts["tag_scheme"],
-        strict=opts["strict"],
-        max_sentences=limit,
-        labels=opts["labels"],
+    options = ConllOptions(
+        tag_scheme=opts["tag_scheme"], strict=opts["strict"], max_sentences=limit, labels=opts["labels"]
     )
+    return parse_conll_bytes(data, uri, options)
 
 
 def _scan_file(uri: str, limit: int | None, opts: dict[str, Any]) -> dict[str, Any]:
@@ -495,7 +497,7 @@ def _encode_file(
                 "shard": shard_base + k,
                 "first": g,
                 "key": key,
-                "sha256": _sha256(body),
+                "sha256": sha256_bytes(body),
                 "size": len(body),
                 "rows": len(enc.windows),
                 "sentences": len(part),
@@ -724,24 +726,11 @@ def _label_list(tags: set[str]) -> list[str]:
     return label_list([Sentence(tuple(sorted(tags)), tuple(sorted(tags)), 1)])
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Any) -> str:
-    from raytag.cluster.storage import file_sha256
-
-    try:
-        return file_sha256(path)
-    except OSError:
-        return ""
-
-
 def _verified(store: Any, key: str, sha256: str, retry_budget_s: float | None = None) -> bytes:
     """The bytes of `key`, only once they match `sha256`: a corrupt shard is never parsed. A
     transient storage failure (a bucket briefly unreachable) is retried with backoff, as uploads
     are (for `retry_budget_s` seconds when given)."""
-    from raytag.cluster.storage import RetryPolicy, with_retries
+    from raytag.cluster.retry import RetryPolicy, with_retries
 
     policy = RetryPolicy.for_seconds(retry_budget_s) if retry_budget_s is not None else None
     data = with_retries(
@@ -751,7 +740,7 @@ def _verified(store: Any, key: str, sha256: str, retry_budget_s: float | None = 
         raise ShardError(
             f"prepared shard {store.display(key)} is missing; run `trainer/main.py prepare` again"
         )
-    if _sha256(data) != sha256:
+    if sha256_bytes(data) != sha256:
         raise ShardError(
             f"prepared shard {store.display(key)} fails its sha256 check (corrupt or truncated); "
             "run `trainer/main.py prepare` again"
