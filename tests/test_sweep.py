@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from raytag.trainer.config import ConfigError
 from raytag.launcher.sweep import Axis, parse_axis, plan, points, split_args, table
+from raytag.trainer.config import ConfigError
 from tests.ray_cluster import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
