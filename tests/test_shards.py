@@ -1,5 +1,5 @@
-"""Prepared training shards (trainer/shards.py): fingerprint, checksums, the per-rank plan, mixtures,
-and training over them (mid-epoch resume, two weighted corpora with per-language evaluation)."""
+"""Prepared training shards (trainer/shards.py, the plan: shard_plan.py): fingerprint, checksums,
+the per-rank plan, mixtures, and training over them (mid-epoch resume, two weighted corpora with per-language evaluation)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 
 from raytag.trainer.config import load_config, to_dict
-from raytag.trainer.shards import (
-    Corpus,
-    PrepareSpec,
-    ShardError,
-    ShardReader,
-    find,
-    plan_epoch,
-    prepare,
-)
+from raytag.trainer.shard_plan import ShardReader, plan_epoch
+from raytag.trainer.shards import Corpus, PrepareSpec, ShardError, find, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -192,7 +185,7 @@ def test_the_plan_gives_each_rank_its_own_shards_and_equal_steps(tmp_path, block
 def test_a_lanes_batches_mix_its_shards_and_each_shard_is_read_once(tmp_path, blocks, monkeypatch):
     # A shard is a contiguous slice of the corpus (a document's sentences): batched alone, it would
     # fill several steps in a row. Within MIX_WINDOWS, a lane's shards are batched together.
-    import raytag.trainer.shards as shards
+    import raytag.trainer.shard_plan as shard_plan
 
     p = prepare(spec(tmp_path, str(write(tmp_path / "a.conll", blocks))), "tok")
     plan, mine = plan_epoch(p, {}, 256, 8, 3, 0, 1, 0, 1)
@@ -201,7 +194,7 @@ def test_a_lanes_batches_mix_its_shards_and_each_shard_is_read_once(tmp_path, bl
     assert len(set().union(*first)) > 2, first
     # With groups of about two shards, the steps move through the shards group by group, and a
     # reader that keeps two groups loads every shard once.
-    monkeypatch.setattr(shards, "MIX_WINDOWS", 2 * max(p.shard_windows(k) for k in range(p.num_shards)))
+    monkeypatch.setattr(shard_plan, "MIX_WINDOWS", 2 * max(p.shard_windows(k) for k in range(p.num_shards)))
     plan, mine = plan_epoch(p, {}, 256, 8, 3, 0, 1, 0, 1)
     reader = ShardReader(p, _store(tmp_path), 0, lanes=1)
     for step in plan.steps:

@@ -53,7 +53,8 @@ from .model import load_model, load_tokenizer
 from .outputs import MetricsLog, export_model, git_commit, versions, write_json, write_predictions
 from .plots import CAPTIONS, model_plots, parse_metrics
 from .progress import ProgressView, TrainingProgress, rng_state, seed_everything, set_rng_state
-from .shards import Prepared, ShardReader, open_prepared, plan_epoch, prepare, prepared_root, spec_from_config
+from .shard_plan import ShardReader, plan_epoch
+from .shards import Prepared, open_prepared, prepare, prepared_root, spec_from_config
 from .stopping import STOP, Clock, Preempted
 
 log = logging.getLogger("raytag")

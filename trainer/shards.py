@@ -10,13 +10,7 @@ prepare   each corpus's inputs (files, folders, globs, s3:// prefixes; sorted by
                     the corpus's fixed-size shards: shard k holds sentences [k*S, (k+1)*S) of the corpus
                     in file order, so the same sentences in one file or in many give the same shards
             index.parquet (shard, length, labelled of every window), then MANIFEST.json last.
-plan      (seed, epoch) -> whole shards drawn per corpus by weight -> shuffled -> dealt to the
-          workers x accumulation "lanes" by load -> each lane's shards, in consecutive groups of up
-          to MIX_WINDOWS windows, cut into token-budget batches across the group's shards (a shard is
-          a contiguous slice of its corpus: batched alone, one document's sentences would fill several
-          steps in a row). Every rank computes the same plan from the index alone (lengths, not windows).
-read      a rank loads only the shards of its own lanes, a group at a time per lane, sha256 checked
-          before a byte is parsed: memory follows MIX_WINDOWS, not the corpus size.
+The plan over these shards, and a rank's reads of them: trainer/shard_plan.py.
 
 Only storage calls (cluster/storage.py and the modules beside it) touch files and buckets here.
 """
@@ -29,7 +23,6 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +31,7 @@ import numpy as np
 
 from raytag.cluster.digest import sha256_bytes, sha256_file
 
-from .batching import POOL_BATCHES, StepPlan, plan_batches
 from .config import ConfigError
-from .features import IGNORE, Window
 
 log = logging.getLogger("raytag")
 
@@ -48,12 +39,6 @@ FORMAT = 1  # bump when the shard layout or the windowing changes: old preparati
 SHARD_TARGET = 64  # shards per corpus wanted (for balance across workers), between:
 SHARD_MIN_SENTENCES = 32
 SHARD_MAX_SENTENCES = 2048
-# Windows of a lane batched together (its shards' sentences mixed): a corpus up to this size is
-# shuffled as a whole every epoch, as the Hugging Face Trainer's sampler does. Measured with
-# bench/quality.py --defaults --only raytag (offline encoder, 1 epoch, bf16, seeds 1 and 2): with
-# each shard (47 sentences there) batched alone, the first 3000 CoNLL-2003 sentences gave dev F1
-# 0.63 and 0.55; with the lane's shards batched together, 0.75 and 0.63 (1000 sentences: 0.52, 0.47).
-MIX_WINDOWS = 16384
 INLINE_BYTES = 8 << 20  # inputs smaller than this are prepared in-process, larger ones in parallel
 MANIFEST = "MANIFEST.json"
 INDEX = "index.parquet"
@@ -382,7 +367,7 @@ def find(store: Any, fp: str, say: Callable[[str], object] = log.info) -> Prepar
             if sha != f["sha256"]:
                 say(f"prepared data: {store.display(key)} fails its sha256 check; preparing again")
                 return None
-    index = _read_parquet(_verified(store, f"{fp}/{INDEX}", manifest["index"]["sha256"]))
+    index = read_parquet(verified(store, f"{fp}/{INDEX}", manifest["index"]["sha256"]))
     return Prepared(
         store.display(fp),
         fp,
@@ -542,181 +527,6 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], executor: Executor
 
 
 # ---------------------------------------------------------------------------------------------
-# the plan
-
-
-def plan_epoch(
-    prepared: Prepared,
-    weights: dict[str, float],
-    batch_tokens: int,
-    max_sentences: int,
-    seed: int,
-    epoch: int,
-    world: int,
-    rank: int,
-    accum: int,
-    pool_batches: int = POOL_BATCHES,
-) -> tuple[StepPlan, list[int]]:
-    """This rank's steps of epoch `epoch` (micro-batches of global window ids) and the shards it reads.
-
-    Whole shards are drawn per corpus by weight (weight 2: every shard twice; 0.5: half of them,
-    a fresh draw each epoch), shuffled, and dealt to `world * accum` lanes, each to the lane with
-    the fewest windows so far; lane `a * world + r` is micro-batch `a` of rank `r`. A lane's
-    shards go in consecutive groups of up to MIX_WINDOWS windows, each group cut into token-budget
-    batches across its shards (mixing their sentences), group after group. Ranks whose lanes run out
-    get empty micro-batches, so every rank runs the same number of steps (`pool_batches`: the
-    batches' length-sorted pools, see batching.py). A pure function of its
-    arguments: every rank computes the same plan, and one worker with accumulation `world * accum`
-    gets exactly the global batches of `world` workers.
-    """
-    lanes = world * accum
-    rng = np.random.default_rng([seed, epoch, 1])
-    drawn: list[int] = []
-    for name, meta in sorted(prepared.manifest["corpora"].items()):
-        ids = np.asarray(meta["shards"], dtype=np.int64)
-        w = float(weights.get(name, 1.0))
-        whole, frac = int(w), w - int(w)
-        drawn += ids.tolist() * whole
-        k = min(len(ids), int(frac * len(ids) + rng.random()))  # rounded at random: right on average
-        if k:
-            drawn += sorted(rng.choice(ids, size=k, replace=False).tolist())
-    order = [drawn[i] for i in rng.permutation(len(drawn))]
-    load = np.zeros(lanes, dtype=np.int64)
-    lane_units: list[list[tuple[int, int]]] = [[] for _ in range(lanes)]
-    for pos, shard in enumerate(order):
-        lane = int(np.argmin(load))
-        lane_units[lane].append((pos, shard))
-        load[lane] += prepared.shard_windows(shard)
-    lane_batches: list[list[list[int]]] = []
-    for units in lane_units:
-        batches: list[list[int]] = []
-        for group in _mix_groups(prepared, units):
-            ids = np.concatenate(
-                [np.arange(prepared.starts[shard], prepared.starts[shard + 1]) for _, shard in group]
-            )
-            for batch in plan_batches(
-                prepared.lengths[ids],
-                batch_tokens,
-                max_sentences,
-                seed,
-                epoch,
-                stream=group[0][0],
-                pool_batches=pool_batches,
-            ):
-                batches.append([int(ids[i]) for i in batch])
-        lane_batches.append(batches)
-    num_steps = max((len(b) for b in lane_batches), default=0)
-    steps, labelled = [], []
-    lab = prepared.labelled
-    for s in range(num_steps):
-        labelled.append(int(sum(int(lab[b[s]].sum()) for b in lane_batches if s < len(b))))
-        steps.append(
-            [
-                lane_batches[a * world + rank][s] if s < len(lane_batches[a * world + rank]) else []
-                for a in range(accum)
-            ]
-        )
-    mine = [shard for a in range(accum) for _, shard in lane_units[a * world + rank]]
-    return StepPlan(steps=steps, labelled=labelled), mine
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a rank's shards
-
-
-def _mix_groups(prepared: Prepared, units: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-    """A lane's (position, shard) units in consecutive groups of at most MIX_WINDOWS windows (at least
-    one shard each): the shards whose sentences are batched together."""
-    groups: list[list[tuple[int, int]]] = []
-    size = 0
-    for unit in units:
-        n = prepared.shard_windows(unit[1])
-        if not groups or size + n > MIX_WINDOWS:
-            groups.append([])
-            size = 0
-        groups[-1].append(unit)
-        size += n
-    return groups
-
-
-class ShardReader:
-    """Windows by global id, loading a shard when first asked for and keeping the most recently used
-    shards, up to twice the windows of `lanes` mixing groups (room for each lane's current group
-    and the one before it, so a shard is read once per epoch)."""
-
-    def __init__(
-        self, prepared: Prepared, store: Any, rank: int, lanes: int = 1, retry_budget_s: float | None = None
-    ) -> None:
-        self.prepared, self.store, self.rank = prepared, store, rank
-        self.keep_windows = 2 * max(1, lanes) * MIX_WINDOWS
-        self.retry_budget_s = (
-            retry_budget_s  # how long a read rides out a storage outage (run.storage_retry_seconds)
-        )
-        self.label2id = {lab: i for i, lab in enumerate(prepared.labels)}
-        self.loaded: OrderedDict[int, list[Window]] = OrderedDict()
-        self.epoch = 0  # set by the loop: recorded with each read
-        self.opened: list[tuple[int, int]] = []  # (epoch, shard) of every shard this rank loaded: a read log
-
-    def start_epoch(self, epoch: int) -> None:
-        """A new epoch: its plan deals the shards anew, so nothing loaded is kept."""
-        self.epoch = epoch
-        self.loaded.clear()
-
-    def windows(self, ids: Sequence[int]) -> list[Window]:
-        shard_ids = np.searchsorted(self.prepared.starts, np.asarray(ids), side="right") - 1
-        out = []
-        for i, k in zip(ids, shard_ids.tolist(), strict=True):
-            out.append(self._shard(k)[i - int(self.prepared.starts[k])])
-        return out
-
-    def _shard(self, k: int) -> list[Window]:
-        if k in self.loaded:
-            self.loaded.move_to_end(k)
-            return self.loaded[k]
-        need = self.prepared.shard_windows(k)
-        while self.loaded and sum(len(w) for w in self.loaded.values()) + need > self.keep_windows:
-            self.loaded.popitem(last=False)
-        meta = self.prepared.manifest["shards"][k]
-        log.info("rank %d reads shard %d (%s, %d windows)", self.rank, k, meta["corpus"], meta["windows"])
-        self.opened.append((self.epoch, k))
-        windows: list[Window] = []
-        fp = self.prepared.fingerprint
-        for piece in meta["pieces"]:
-            table = _read_parquet(
-                _verified(self.store, f"{fp}/{piece['key']}", piece["sha256"], self.retry_budget_s)
-            )
-            windows += _windows(table, self.label2id)
-        self.loaded[k] = windows
-        return windows
-
-
-def _windows(table: Any, label2id: dict[str, int]) -> list[Window]:
-    def lists(name: str) -> list[np.ndarray]:
-        col = table.column(name).combine_chunks()
-        offs = col.offsets.to_numpy()
-        vals = col.values.to_numpy(zero_copy_only=False)
-        return [vals[offs[i] : offs[i + 1]] for i in range(len(col))]
-
-    ids, pos, words = lists("input_ids"), lists("positions"), lists("words")
-    tags = table.column("tags").to_pylist()
-    sent = table.column("sentence").to_numpy()
-    out = []
-    for r in range(table.num_rows):
-        labels = np.full(len(ids[r]), IGNORE, dtype=np.int32)
-        labels[pos[r]] = [label2id[t] for t in tags[r]]
-        out.append(
-            Window(
-                sentence=int(sent[r]),
-                input_ids=ids[r].astype(np.int32),
-                labels=labels,
-                words=words[r].astype(np.int32),
-                positions=pos[r].astype(np.int32),
-            )
-        )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # small helpers
 
 
@@ -726,7 +536,7 @@ def _label_list(tags: set[str]) -> list[str]:
     return label_list([Sentence(tuple(sorted(tags)), tuple(sorted(tags)), 1)])
 
 
-def _verified(store: Any, key: str, sha256: str, retry_budget_s: float | None = None) -> bytes:
+def verified(store: Any, key: str, sha256: str, retry_budget_s: float | None = None) -> bytes:
     """The bytes of `key`, only once they match `sha256`: a corrupt shard is never parsed. A
     transient storage failure (a bucket briefly unreachable) is retried with backoff, as uploads
     are (for `retry_budget_s` seconds when given)."""
@@ -769,7 +579,7 @@ def _parquet_bytes(columns: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _read_parquet(data: bytes) -> Any:
+def read_parquet(data: bytes) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
