@@ -16,6 +16,10 @@ node, keyed by the full run location (storage URI and run name), shared by the n
   carry the rank in their name; rank 0 owns the unranked files), then a part marker
   `checkpoints/<name>/.parts/rank-NNNNN.json` listing them. Rank 0 writes `MANIFEST.json` once
   every rank's marker is in. All of it runs beside training.
+- Markers belong to one attempt (a worker group's life: `RunStore.open` draws its id). A group that
+  died before its manifest leaves markers behind; a later group that reaches the same step counts
+  only its own, so a manifest never lists a dead attempt's files (with their old sha256s) while
+  the new rank still rewrites them. The manifest names its attempt (`meta.attempt`).
 - Local markers record what a rank has written (`.raytag-written-rankN`) and uploaded
   (`.raytag-uploaded-rankN`). A worker group that Ray restarts on the same node finishes the
   uploads of a checkpoint whose files are all on disk, and rank 0 writes its manifest, before the
@@ -34,6 +38,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,10 +81,11 @@ class Part:
     files: list[str]  # relative paths of the rank's own files in the checkpoint folder
     metrics: dict[str, Any]
     meta: dict[str, Any]
+    attempt: str  # the worker group that wrote it (RunStore.attempt)
 
     def marker(self) -> str:
         return json.dumps(
-            {k: getattr(self, k) for k in ("rank", "world", "step", "files", "metrics", "meta")}
+            {k: getattr(self, k) for k in ("rank", "world", "step", "files", "metrics", "meta", "attempt")}
         )
 
     @classmethod
@@ -92,6 +98,7 @@ class Part:
             list(doc["files"]),
             doc["metrics"],
             doc["meta"],
+            str(doc.get("attempt", "")),
         )
 
 
@@ -183,8 +190,10 @@ class RunStore:
         log: Log,
         part_timeout_s: float = 900.0,
         retry_budget_s: float | None = None,
+        attempt: str = "",
     ) -> None:
         self.storage, self.name, self.group = storage, name, group
+        self.attempt = attempt  # this worker group's id: its part markers and manifests carry it
         self.workdir = workdir
         self.remote = storage.local_path(name) is None
         self._log = log
@@ -250,6 +259,7 @@ class RunStore:
             shutil.rmtree(workdir, ignore_errors=True)  # a fresh run: nothing on the node is its state
         group.barrier()
         workdir.mkdir(parents=True, exist_ok=True)
+        attempt = group.broadcast(uuid.uuid4().hex[:16] if group.rank == 0 else None)
         run = cls(
             storage,
             name,
@@ -259,6 +269,7 @@ class RunStore:
             lock=lock,
             log=log,
             retry_budget_s=retry_budget_s,
+            attempt=attempt,
         )
         group.barrier()  # every rank has read `finished` before anyone writes
         return run
@@ -351,13 +362,14 @@ class RunStore:
         self.group.agree(failed)
         name = checkpoint_name(step)
         rank, world = self.group.rank, self.group.world
+        meta = {**meta, "attempt": self.attempt}
         if not self.remote:
             self.group.barrier()  # one node: every rank's files are in the run folder now
             if rank == 0:
                 self.store.save(folder, name, step, metrics, meta=meta)
             return
         own = [p for p in local_files(folder) if owned_by(p, rank) and not p.startswith(".raytag-")]
-        part = Part(rank, world, step, own, metrics, meta)
+        part = Part(rank, world, step, own, metrics, meta, self.attempt)
         (folder / f"{_WRITTEN}{rank}").write_text(part.marker())
         future = self._parts.submit(self._commit_part, folder, part)
         with self._pending_lock:
@@ -375,14 +387,14 @@ class RunStore:
                 redact(f"checkpoint {name} was not saved to {self.store.where(name)}: {exc}")
             ) from exc
         if part.rank == 0:
-            future = self._manifests.submit(self._commit_manifest, name, part.world)
+            future = self._manifests.submit(self._commit_manifest, name, part.world, part.attempt)
             with self._pending_lock:
                 self._pending.append(future)
         self._prune_staging()
 
-    def _commit_manifest(self, name: str, world: int) -> None:
+    def _commit_manifest(self, name: str, world: int, attempt: str) -> None:
         try:
-            self._write_manifest_when_complete(name, world)
+            self._write_manifest_when_complete(name, world, attempt)
         except Exception as exc:
             raise CheckpointUploadError(
                 redact(f"checkpoint {name} was not saved to {self.store.where(name)}: {exc}")
@@ -394,7 +406,12 @@ class RunStore:
         entries = file_entries(folder, part.files)
         target = join_key(self.name, CHECKPOINTS, name)
         self.store._upload_files(folder, target, part.files)
-        marker: dict[str, Any] = {"rank": part.rank, "world": part.world, "files": entries}
+        marker: dict[str, Any] = {
+            "rank": part.rank,
+            "world": part.world,
+            "attempt": part.attempt,
+            "files": entries,
+        }
         if part.rank == 0:  # rank 0's marker carries what the manifest needs besides the files
             marker.update({"step": part.step, "metrics": part.metrics, "meta": part.meta})
         self.store._call(
@@ -405,24 +422,27 @@ class RunStore:
         )
         (folder / f"{_UPLOADED}{part.rank}").write_text("")
 
-    def _parts_of(self, name: str) -> dict[int, dict[str, Any]]:
+    def _parts_of(self, name: str, attempt: str | None = None) -> dict[int, dict[str, Any]]:
+        """The part markers of checkpoint `name` in storage, by rank; with `attempt`, that attempt's only
+        (another attempt's marker is a dead worker group's: its files may since have been rewritten)."""
         prefix = join_key(self.name, CHECKPOINTS, name, PARTS)
         parts: dict[int, dict[str, Any]] = {}
         for key in self.store._call(lambda: list(self.storage.list(prefix)), f"listing the parts of {name}"):
             raw = self.store._call(functools.partial(self.storage.get_bytes, key), f"reading {key}")
             try:
                 doc = json.loads(raw or b"")
-                parts[int(doc["rank"])] = doc
-            except (ValueError, KeyError, TypeError):
+                if attempt is None or doc.get("attempt", "") == attempt:
+                    parts[int(doc["rank"])] = doc
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a torn marker: that part is simply not in
         return parts
 
-    def _write_manifest_when_complete(self, name: str, world: int) -> None:
-        """Rank 0: wait for every rank's part marker, then write the manifest (and run retention)."""
+    def _write_manifest_when_complete(self, name: str, world: int, attempt: str) -> None:
+        """Rank 0: wait for every rank's part marker of `attempt`, then write the manifest (and run retention)."""
         deadline = time.monotonic() + self.part_timeout_s
         delay = 0.2
         while True:
-            parts = self._parts_of(name)
+            parts = self._parts_of(name, attempt)
             if all(r in parts for r in range(world)):
                 break
             if self._abandon.is_set():
@@ -484,7 +504,8 @@ class RunStore:
         for name, rels in sorted(names.items()):
             if MANIFEST in rels or not any(r.startswith(PARTS + "/") for r in rels):
                 continue
-            parts = self._parts_of(name)
+            head = self._parts_of(name).get(0)  # the attempt whose rank 0 got furthest decides
+            parts = self._parts_of(name, head.get("attempt", "")) if head else {}
             world = parts.get(0, {}).get("world")
             if world and all(r in parts for r in range(int(world))):
                 self.log(f"checkpoint {name}: every rank's part is in; writing its manifest")

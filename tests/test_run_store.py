@@ -35,7 +35,13 @@ class Rank:
         return None
 
     def broadcast(self, obj: Any) -> Any:
-        return obj
+        """Rank 0's obj: rank 1, played next, takes what rank 0 left on the group's board (`shared`)."""
+        if not isinstance(self.shared, dict):
+            return obj
+        if self.rank == 0:
+            self.shared["broadcast"] = obj
+            return obj
+        return self.shared.pop("broadcast", obj)
 
     def gather(self, obj: Any) -> list[Any]:
         return [obj] * self.world
@@ -49,11 +55,12 @@ def bucket(tmp_path: Path) -> Wrapped:
     return Wrapped(LocalStorage(tmp_path / "bucket"), hide_local=True)
 
 
-def open_rank(storage: Any, rank: int, stage: Path, world: int = 2) -> RunStore:
+def open_rank(storage: Any, rank: int, stage: Path, world: int = 2, board: dict | None = None) -> RunStore:
+    """Rank `rank` of a group; the ranks opened with one `board` are one group (rank 0 first)."""
     return RunStore.open(
         storage,
         RUN,
-        group=Rank(rank, world, local_rank=rank),
+        group=Rank(rank, world, local_rank=rank, shared=board),
         node="n1",
         owner=f"test-{rank}",
         staging_root=str(stage),
@@ -88,8 +95,9 @@ def test_staging_is_keyed_by_the_run_location(tmp_path: Path) -> None:
 
 def test_parts_from_two_ranks_make_one_manifest_and_each_rank_fetches_only_its_files(tmp_path: Path) -> None:
     storage = bucket(tmp_path)
-    r0 = open_rank(storage, 0, tmp_path / "node0")
-    r1 = open_rank(storage, 1, tmp_path / "node1")  # another node: its own staging folder
+    board: dict = {}
+    r0 = open_rank(storage, 0, tmp_path / "node0", board=board)
+    r1 = open_rank(storage, 1, tmp_path / "node1", board=board)  # another node: its own staging folder
     assert r0.workdir != r1.workdir
     for run, rank in ((r1, 1), (r0, 0)):
         folder = run.checkpoint_folder(4)
@@ -102,7 +110,7 @@ def test_parts_from_two_ranks_make_one_manifest_and_each_rank_fetches_only_its_f
     info = reader.store.latest()
     reader.close(success=False)  # its lease and heartbeat thread
     assert info is not None and info.name == "step-00000004"
-    assert info.meta == {"best": "step-00000004", "world": 2}
+    assert info.meta == {"best": "step-00000004", "world": 2, "attempt": r0.attempt}
     paths = {e["path"] for e in info.files}
     assert {"rng-rank0.pt", "rng-rank1.pt", "ds/mp_rank_00_model_states.pt", "progress.json"} <= paths
     assert "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt" in paths
@@ -127,7 +135,8 @@ def test_a_restarted_group_completes_a_checkpoint_left_on_the_nodes_disk(tmp_pat
     rank 0 writes the manifest: the checkpoint is the resume point, not lost."""
     storage = bucket(tmp_path)
     stage = tmp_path / "node"
-    r0, r1 = open_rank(storage, 0, stage), open_rank(storage, 1, stage)
+    board: dict = {}
+    r0, r1 = open_rank(storage, 0, stage, board=board), open_rank(storage, 1, stage, board=board)
     r0.part_timeout_s = 1.0  # rank 0 waits for a part that will not come, then gives up
     folder = r0.checkpoint_folder(6)
     write_part(folder, 0, 6)
@@ -141,7 +150,8 @@ def test_a_restarted_group_completes_a_checkpoint_left_on_the_nodes_disk(tmp_pat
         run.close(success=False)
     assert r0.store.list_complete() == []
 
-    again0, again1 = open_rank(storage, 0, stage), open_rank(storage, 1, stage)
+    board = {}
+    again0, again1 = open_rank(storage, 0, stage, board=board), open_rank(storage, 1, stage, board=board)
     assert again1.resume_point() is None  # not the node leader, not rank 0: it only receives the answer
     info = again0.resume_point()
     assert info is not None and info.name == "step-00000006"
@@ -216,3 +226,45 @@ def test_a_failed_part_on_one_rank_never_leaves_rank_0_waiting_for_it(tmp_path: 
     assert time.monotonic() - t0 < 30
     assert all("checkpoint step-00000002 was not saved" in str(outcome[r]) for r in (0, 1)), outcome
     assert not storage.exists(f"{RUN}/checkpoints/step-00000002/MANIFEST.json")
+
+
+def test_a_dead_attempts_part_marker_is_not_taken_for_a_later_attempts_part(tmp_path: Path) -> None:
+    """Attempt A's rank 1 uploaded its part of step 4, then the group died before rank 0's part.
+    Attempt B reaches step 4 again: its rank 0's manifest must wait for B's rank 1, not list A's
+    rank-1 files (their old sha256s) while B's rank 1 still rewrites them."""
+    import time
+
+    storage = bucket(tmp_path)
+    a1 = open_rank(storage, 1, tmp_path / "a-node1")
+    folder = a1.checkpoint_folder(4)
+    write_part(folder, 1, 4)
+    a1.commit(4, folder, {"f1": 0.5}, {"world": 2})
+    a1.wait()
+    a1.close(success=False)
+
+    board: dict = {}
+    b0 = open_rank(storage, 0, tmp_path / "b-node0", board=board)
+    b1 = open_rank(storage, 1, tmp_path / "b-node1", board=board)
+    assert b0.attempt == b1.attempt and b0.attempt != a1.attempt
+    folder0 = b0.checkpoint_folder(4)
+    write_part(folder0, 0, 4)
+    b0.commit(4, folder0, {"f1": 0.6}, {"world": 2})
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not b0.store.list_complete():
+        time.sleep(0.1)  # a manifest from the stale marker would appear here
+    assert b0.store.list_complete() == []
+    folder1 = b1.checkpoint_folder(4)
+    write_part(folder1, 1, 4)
+    (folder1 / "rng-rank1.pt").write_bytes(b"R" * 11)  # the same size as attempt A's, other bytes
+    b1.commit(4, folder1, {"f1": 0.6}, {"world": 2})
+    b1.wait()
+    b0.wait()
+    info = b0.store.latest()
+    assert info is not None and info.meta["attempt"] == b0.attempt
+    b1.close(success=False)
+    b0.close(success=False)
+
+    fresh = open_rank(storage, 1, tmp_path / "c-node1")  # a fresh node: downloads and verifies rank 1's files
+    got = fresh.fetch(info)
+    assert (got / "rng-rank1.pt").read_bytes() == b"R" * 11
+    fresh.close(success=False)
