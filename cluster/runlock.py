@@ -30,6 +30,11 @@ without hard links or file locks), the lease falls back to check-then-write and 
 two jobs started within the same second could both pass: both read "no live lease", both write,
 the later write stays, and both train until the loser's next heartbeat (at most `heartbeat_s`)
 finds the lease taken and logs that it lost it.
+
+Fencing: a holder that cannot renew (cut off from storage) stops itself one heartbeat before its
+lease could expire: at `ttl_s - heartbeat_s` after its last renewal it sets `lost` and calls
+`on_lost`, so the run stops (and writes no further checkpoint) before another job may take the
+lease over, rather than learning of a takeover at its next successful heartbeat.
 """
 
 from __future__ import annotations
@@ -133,6 +138,7 @@ class RunLock:
         log: Callable[[str], Any] | None = None,
         info: dict[str, Any] | None = None,
         gone: Callable[[dict[str, Any]], str | None] | None = None,
+        on_lost: Callable[[str], Any] | None = None,
     ):
         self.storage, self.key, self.owner = storage, join_key(run_prefix, LOCK), owner
         self.info = dict(info or {})  # extra fields written into the lease (the Ray job id)
@@ -142,7 +148,11 @@ class RunLock:
         self._log = log or _log.warning
         self._version: str | None = None  # our lease's version; None: not held, or no conditional writes
         self._atomic = True
-        self.lost: str | None = None  # set by the heartbeat when another job took the lease
+        self.lost: str | None = None  # set by the heartbeat when another job took the lease, or on fencing
+        self.on_lost = on_lost  # called once with `lost` (the run stops itself)
+        # Renewals that fail for this long fence the holder: one heartbeat before the lease may expire.
+        self.fence_s = max(ttl_s - heartbeat_s, heartbeat_s)
+        self._renewed_at = time.monotonic()  # when the last written heartbeat was stamped
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -226,6 +236,7 @@ class RunLock:
         self._thread.start()
 
     def _acquire_atomic(self) -> None:
+        self._renewed_at = time.monotonic()
         for _ in range(ACQUIRE_ATTEMPTS):
             current, lease = self._read()
             if current is None:
@@ -246,6 +257,7 @@ class RunLock:
         )
 
     def _acquire_check_then_write(self) -> None:
+        self._renewed_at = time.monotonic()
         current, lease = self._read()
         why = self._verdict(lease) if current is not None else ""
         self.storage.put_bytes(self.key, self._body())
@@ -264,12 +276,20 @@ class RunLock:
         )
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
+        while True:
+            fence_in = self._renewed_at + self.fence_s - time.monotonic()
+            if self._stop.wait(max(0.0, min(self.heartbeat_s, fence_in))):
+                return
+            stamped = time.monotonic()
             try:
                 if not self._renew():
                     return
-            except StorageError:
-                pass  # a missed heartbeat only shortens the lease; uploads report real outages
+                self._renewed_at = stamped
+            except StorageError as exc:  # a missed heartbeat shortens the lease: fence before it can expire
+                silent = time.monotonic() - self._renewed_at
+                if silent >= self.fence_s:
+                    self._fence(silent, exc)
+                    return
 
     def _renew(self) -> bool:
         """Rewrite our lease; False (after logging it) when another job holds it now."""
@@ -297,7 +317,18 @@ class RunLock:
         who = (lease or {}).get("owner", "an unreadable lease")
         self.lost = f"run {self.storage.display(self.run_prefix)}: lost the lease to {who}"
         self._log(f"{self.lost}; this job stops renewing it (two jobs may now write the run)")
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
         return False
+
+    def _fence(self, silent: float, exc: BaseException) -> None:
+        self.lost = (
+            f"run {self.storage.display(self.run_prefix)}: the lease could not be renewed for {silent:.0f} s "
+            f"(expiry {self.ttl_s:.0f} s; last error: {exc}); this job stops before another may take it over"
+        )
+        self._log(self.lost)
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
 
     def stop_heartbeat(self) -> None:
         """Stop renewing without giving the lease up (the Ray driver hands it to its workers, which

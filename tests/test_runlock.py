@@ -18,7 +18,7 @@ import pytest
 from raytag.cluster.local_storage import LocalStorage
 from raytag.cluster.runlock import LOCK, RunLock, RunLockedError, _machine, _proc_stat, process_gone
 from raytag.cluster.s3_storage import S3Storage
-from raytag.cluster.storage import ConditionalWriteUnsupported, Storage, Versioned
+from raytag.cluster.storage import ConditionalWriteUnsupported, Storage, StorageError, Versioned
 from tests.s3_server import S3TestServer
 
 RUN = "runs/r1"
@@ -247,6 +247,66 @@ def test_heartbeat_renews_and_notices_a_lost_lease(storage) -> None:
     finally:
         lock.release()
     assert lease(storage)["owner"] == "job-b"  # release deletes only its own lease
+
+
+class CutOff:
+    """A LocalStorage whose every read and write fails (a transient StorageError) once `cut` is set."""
+
+    IO = {
+        "get_bytes",
+        "put_bytes",
+        "get_versioned",
+        "put_if_absent",
+        "replace_if",
+        "delete",
+        "exists",
+        "list",
+    }
+
+    def __init__(self, inner: LocalStorage) -> None:
+        self.inner, self.cut = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.IO:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.cut:
+                raise StorageError("cannot reach the endpoint (connection refused)", transient=True)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_a_holder_cut_off_from_storage_fences_itself_before_its_lease_can_expire(tmp_path: Path) -> None:
+    """No renewal reaches storage: one heartbeat before the TTL runs out the holder marks the lease
+    lost and tells the run (on_lost), while nobody else could yet take it over."""
+    storage = CutOff(LocalStorage(tmp_path / "store"))
+    told: list[str] = []
+    lock = RunLock(
+        storage, RUN, "job-a", ttl_s=1.2, heartbeat_s=0.2, log=(logs := []).append, on_lost=told.append
+    )
+    lock.acquire()
+    try:
+        time.sleep(0.5)  # a few renewals go through
+        storage.cut = True
+        deadline = time.monotonic() + 10
+        while lock.lost is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fenced_at = time.time()
+        stored = json.loads(storage.inner.get_bytes(KEY))
+        assert (
+            lock.lost is not None
+            and "could not be renewed" in lock.lost
+            and "connection refused" in lock.lost
+        )
+        assert told == [lock.lost] and logs == [lock.lost]
+        age = fenced_at - stored["heartbeat"]
+        assert 1.2 - 0.2 - 0.15 <= age < 1.2  # at the fence (TTL - one heartbeat), before the expiry
+    finally:
+        storage.cut = False
+        lock.release()
 
 
 def test_heartbeat_recreates_a_deleted_lease(storage) -> None:
