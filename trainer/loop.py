@@ -40,11 +40,9 @@ from .data import Split, hub_splits, read_split, write_conll
 from .engine import (
     EngineSpec,
     build_engine,
-    catch_up_rows,
     end_local_process_group,
     full_state_dict,
     resolve_precision,
-    sparse_embedding_table,
 )
 from .evaluate import EvalResult, collate, finish, predict_windows
 from .features import IGNORE, Encoded, Window, encode
@@ -54,6 +52,7 @@ from .outputs import MetricsLog, export_model, git_commit, versions, write_json,
 from .plots import CAPTIONS, model_plots, parse_metrics
 from .progress import ProgressView, TrainingProgress, rng_state, seed_everything, set_rng_state
 from .shards import Prepared, ShardReader, open_prepared, plan_epoch, prepare, prepared_root, spec_from_config
+from .sparse_adam import catch_up_rows, sparse_embedding_table
 from .stopping import STOP, Clock, Preempted
 
 log = logging.getLogger("raytag")
