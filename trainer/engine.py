@@ -4,13 +4,17 @@ raytag builds the optimizer (torch AdamW, no decay on biases and LayerNorm) and 
 (linear warm-up then linear decay, as Hugging Face's recipes) itself and hands both to
 DeepSpeed, which owns ZeRO partitioning, precision, accumulation and clipping. That keeps
 DeepSpeed's C++ `fused_adam` out of the picture on CPU; a user's extra DeepSpeed JSON can
-still replace any key, including `optimizer` and `scheduler`. The row-sparse optimizer of
-word-embedding updates is in sparse_adam.py.
+still replace any key, including `optimizer` and `scheduler`.
+
+The run's choices live here too: its device, ZeRO stage, precision, embedding updates
+(`engine_spec`, `fit_embedding_updates`) and attention kernel. The row-sparse optimizer is in
+sparse_adam.py.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import socket
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 
 from . import dist
+from .config import Config, ConfigError
 from .sparse_adam import RowSparseAdamW, settle_before_lookup, sparse_embedding_table
 
 log = logging.getLogger("raytag")
@@ -81,6 +86,104 @@ def resolve_precision(requested: str, use_gpu: bool) -> str:
         # emulate it (a V100 or T4 can hold bf16 tensors), where bf16 is slower than fp16.
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def rank_device(use_gpu: bool, given: torch.device | None) -> torch.device:
+    """The torch device of this rank: `given` (Ray's choice), else cuda:LOCAL_RANK; the CPU without GPUs."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("scaling.use_gpu is true but torch sees no GPU on this worker")
+    device = given if given is not None else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> EngineSpec:
+    """The DeepSpeed settings this run uses; the one place that decides the ZeRO stage."""
+    tc = cfg.train
+    forced_stage = (tc.deepspeed.get("zero_optimization") or {}).get("stage")
+    if forced_stage is not None:  # explicit DeepSpeed JSON wins
+        zero_stage = int(forced_stage)
+    elif world == 1 and tc.zero_stage in (1, 2):
+        # ZeRO-1/2 partition optimizer state and gradients across data-parallel workers; with one
+        # worker nothing is partitioned and the flat-buffer copies cost time: a step of the 384-wide
+        # offline encoder takes 2.2x as long under ZeRO-2 on CPU (bench/engine_step.py).
+        log.info("one worker: ZeRO-%d has nothing to partition, running ZeRO-0", tc.zero_stage)
+        zero_stage = 0
+    else:
+        zero_stage = tc.zero_stage
+    sparse = embedding_updates(tc.embedding_updates, zero_stage, world, on_gpu, "optimizer" in tc.deepspeed)
+    return EngineSpec(
+        learning_rate=tc.learning_rate,
+        weight_decay=tc.weight_decay,
+        betas=(tc.adam_beta1, tc.adam_beta2),
+        eps=tc.adam_epsilon,
+        total_steps=total_steps,
+        warmup_steps=int(round(tc.warmup_ratio * total_steps)),
+        zero_stage=zero_stage,
+        precision=resolve_precision(tc.precision, on_gpu),
+        accumulation=tc.gradient_accumulation_steps,
+        max_grad_norm=tc.max_grad_norm,
+        world_size=world,
+        extra=tc.deepspeed,
+        on_gpu=on_gpu,
+        sparse_embeddings=sparse,
+    )
+
+
+def embedding_updates(
+    setting: str, zero_stage: int, world: int, on_gpu: bool, own_optimizer: bool = False
+) -> bool:
+    """train.embedding_updates as "sparse or not" (logged when auto chooses).
+
+    auto is sparse for one CPU worker at ZeRO-0, where it was measured to pay and to keep F1
+    (bench/embeddings.py, bench/quality.py: one epoch of 3000 CoNLL-2003 sentences at 4 per step,
+    seeds 1 2 3: dev F1 0.819 0.802 0.809 in 72-75 s against dense 0.796 0.807 in 173-178 s; the
+    optimizer step 0.02 s against 0.10 s), and dense elsewhere: ZeRO-1/2/3 keep gradients in
+    flat partitions with no sparse form, and on a GPU dense fused AdamW is a few milliseconds.
+    """
+    if setting == "sparse":
+        if zero_stage != 0:
+            raise ConfigError(
+                f"train.embedding_updates=sparse needs ZeRO-0, but this run is at ZeRO-{zero_stage} "
+                "(ZeRO-1/2/3 keep gradients in flat partitions with no sparse form): use dense or auto"
+            )
+        return True
+    if setting == "dense":
+        return False
+    if own_optimizer:
+        why, sparse = "train.deepspeed names its own optimizer", False
+    elif on_gpu:
+        why, sparse = "on a GPU dense AdamW is a few milliseconds a step", False
+    elif zero_stage != 0:
+        why, sparse = f"ZeRO-{zero_stage} has no sparse gradients", False
+    elif world != 1:
+        why, sparse = f"{world} workers (measured for one)", False
+    else:
+        why, sparse = "one CPU worker at ZeRO-0: AdamW over the rows a step touches", True
+    log.info("train.embedding_updates=auto: %s (%s)", "sparse" if sparse else "dense", why)
+    return sparse
+
+
+def fit_embedding_updates(spec: EngineSpec, setting: str, model: torch.nn.Module) -> EngineSpec:
+    """The spec for this model: auto's sparse updates need an `nn.Embedding` word table."""
+    if spec.sparse_embeddings and setting == "auto" and sparse_embedding_table(model) is None:
+        log.info("train.embedding_updates=auto: dense after all (the model has no nn.Embedding word table)")
+        return dataclasses.replace(spec, sparse_embeddings=False)
+    return spec
+
+
+def attention_kernel(setting: str, spec: EngineSpec) -> str:
+    """model.attention as a kernel name: auto is eager for bf16 on CPU, sdpa elsewhere.
+
+    Measured on the offline encoder (2 cores, AVX512-BF16), one step of 42 sentences of 24 tokens
+    under bf16 autocast: backward 0.22 s with eager attention against 0.32 s with torch's fused
+    CPU attention (its backward alone took 30% of the step); in fp32 the two are even.
+    """
+    if setting != "auto":
+        return setting
+    return "eager" if spec.cpu_autocast else "sdpa"
 
 
 def deepspeed_config(spec: EngineSpec) -> dict[str, Any]:

@@ -15,13 +15,11 @@ storage, DeepSpeed's file names and the run lease live behind `RunStore`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -39,12 +37,16 @@ from .config import Config, ConfigError, dump_yaml, from_dict, to_dict
 from .data import Split, hub_splits, read_split, write_conll
 from .engine import (
     EngineSpec,
+    attention_kernel,
     build_engine,
     end_local_process_group,
+    engine_spec,
+    fit_embedding_updates,
     full_state_dict,
-    resolve_precision,
+    rank_device,
 )
 from .evaluate import EvalResult, collate, finish, predict_windows
+from .faults import inject_fault
 from .features import IGNORE, Encoded, Window, encode
 from .flops import ModelFlops, Peak, device_peak, mfu, model_flops
 from .model import load_model, load_tokenizer
@@ -52,7 +54,7 @@ from .outputs import MetricsLog, export_model, git_commit, versions, write_json,
 from .plots import CAPTIONS, model_plots, parse_metrics
 from .progress import ProgressView, TrainingProgress, rng_state, seed_everything, set_rng_state
 from .shards import Prepared, ShardReader, open_prepared, plan_epoch, prepare, prepared_root, spec_from_config
-from .sparse_adam import catch_up_rows, sparse_embedding_table
+from .sparse_adam import catch_up_rows
 from .stopping import STOP, Clock, Preempted
 
 log = logging.getLogger("raytag")
@@ -139,7 +141,7 @@ def train_loop(
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
-    device = _device(cfg.scaling.use_gpu, device)
+    device = rank_device(cfg.scaling.use_gpu, device)
 
     # ---- the run's storage: checks, lease, working folder (in place, or a node's staging folder)
     storage = open_storage(rc.storage, endpoint_url=rc.s3_endpoint_url, region=rc.s3_region)
@@ -351,7 +353,7 @@ def train_loop(
             plan = epoch_plan(epoch)
             reader.start_epoch(epoch)
             for i in range(progress.step_in_epoch, len(plan.steps)):
-                _inject_fault(group.rank, progress.global_step + 1, "step")
+                inject_fault(group.rank, progress.global_step + 1, "step")
                 t0 = time.monotonic()
                 mine = train_step(
                     engine, reader.windows, plan.steps[i], plan.labelled[i], world, pad_id, device
@@ -411,17 +413,6 @@ def train_loop(
 
 # ---------------------------------------------------------------------------------------------
 # setup
-
-
-def _device(use_gpu: bool, given: torch.device | None) -> torch.device:
-    """The torch device of this rank: `given` (Ray's choice), else cuda:LOCAL_RANK; the CPU without GPUs."""
-    if not use_gpu:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("scaling.use_gpu is true but torch sees no GPU on this worker")
-    device = given if given is not None else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    return device
 
 
 def load_data(cfg: Config, group: Any = None) -> Data:
@@ -505,93 +496,6 @@ def _log_stats(name: str, st: dict[str, int]) -> None:
             st.get("cut_words", 0),
             st.get("empty_words", 0),
         )
-
-
-def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> EngineSpec:
-    """The DeepSpeed settings this run uses; the one place that decides the ZeRO stage."""
-    tc = cfg.train
-    forced_stage = (tc.deepspeed.get("zero_optimization") or {}).get("stage")
-    if forced_stage is not None:  # explicit DeepSpeed JSON wins
-        zero_stage = int(forced_stage)
-    elif world == 1 and tc.zero_stage in (1, 2):
-        # ZeRO-1/2 partition optimizer state and gradients across data-parallel workers; with one
-        # worker nothing is partitioned and the flat-buffer copies cost time: a step of the 384-wide
-        # offline encoder takes 2.2x as long under ZeRO-2 on CPU (bench/engine_step.py).
-        log.info("one worker: ZeRO-%d has nothing to partition, running ZeRO-0", tc.zero_stage)
-        zero_stage = 0
-    else:
-        zero_stage = tc.zero_stage
-    sparse = embedding_updates(tc.embedding_updates, zero_stage, world, on_gpu, "optimizer" in tc.deepspeed)
-    return EngineSpec(
-        learning_rate=tc.learning_rate,
-        weight_decay=tc.weight_decay,
-        betas=(tc.adam_beta1, tc.adam_beta2),
-        eps=tc.adam_epsilon,
-        total_steps=total_steps,
-        warmup_steps=int(round(tc.warmup_ratio * total_steps)),
-        zero_stage=zero_stage,
-        precision=resolve_precision(tc.precision, on_gpu),
-        accumulation=tc.gradient_accumulation_steps,
-        max_grad_norm=tc.max_grad_norm,
-        world_size=world,
-        extra=tc.deepspeed,
-        on_gpu=on_gpu,
-        sparse_embeddings=sparse,
-    )
-
-
-def embedding_updates(
-    setting: str, zero_stage: int, world: int, on_gpu: bool, own_optimizer: bool = False
-) -> bool:
-    """train.embedding_updates as "sparse or not" (logged when auto chooses).
-
-    auto is sparse for one CPU worker at ZeRO-0, where it was measured to pay and to keep F1
-    (bench/embeddings.py, bench/quality.py: one epoch of 3000 CoNLL-2003 sentences at 4 per step,
-    seeds 1 2 3: dev F1 0.819 0.802 0.809 in 72-75 s against dense 0.796 0.807 in 173-178 s; the
-    optimizer step 0.02 s against 0.10 s), and dense elsewhere: ZeRO-1/2/3 keep gradients in
-    flat partitions with no sparse form, and on a GPU dense fused AdamW is a few milliseconds.
-    """
-    if setting == "sparse":
-        if zero_stage != 0:
-            raise ConfigError(
-                f"train.embedding_updates=sparse needs ZeRO-0, but this run is at ZeRO-{zero_stage} "
-                "(ZeRO-1/2/3 keep gradients in flat partitions with no sparse form): use dense or auto"
-            )
-        return True
-    if setting == "dense":
-        return False
-    if own_optimizer:
-        why, sparse = "train.deepspeed names its own optimizer", False
-    elif on_gpu:
-        why, sparse = "on a GPU dense AdamW is a few milliseconds a step", False
-    elif zero_stage != 0:
-        why, sparse = f"ZeRO-{zero_stage} has no sparse gradients", False
-    elif world != 1:
-        why, sparse = f"{world} workers (measured for one)", False
-    else:
-        why, sparse = "one CPU worker at ZeRO-0: AdamW over the rows a step touches", True
-    log.info("train.embedding_updates=auto: %s (%s)", "sparse" if sparse else "dense", why)
-    return sparse
-
-
-def fit_embedding_updates(spec: EngineSpec, setting: str, model: torch.nn.Module) -> EngineSpec:
-    """The spec for this model: auto's sparse updates need an `nn.Embedding` word table."""
-    if spec.sparse_embeddings and setting == "auto" and sparse_embedding_table(model) is None:
-        log.info("train.embedding_updates=auto: dense after all (the model has no nn.Embedding word table)")
-        return dataclasses.replace(spec, sparse_embeddings=False)
-    return spec
-
-
-def attention_kernel(setting: str, spec: EngineSpec) -> str:
-    """model.attention as a kernel name: auto is eager for bf16 on CPU, sdpa elsewhere.
-
-    Measured on the offline encoder (2 cores, AVX512-BF16), one step of 42 sentences of 24 tokens
-    under bf16 autocast: backward 0.22 s with eager attention against 0.32 s with torch's fused
-    CPU attention (its backward alone took 30% of the step); in fp32 the two are even.
-    """
-    if setting != "auto":
-        return setting
-    return "eager" if spec.cpu_autocast else "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,7 +622,7 @@ def evaluate(s: Session, name: str) -> EvalResult:
 
 def evaluate_and_save(s: Session, progress: TrainingProgress, epoch_f: float) -> None:
     """Evaluate validation and the named sets, record them, then checkpoint (the manifest names the best)."""
-    _inject_fault(dist.rank(), progress.global_step, "eval")
+    inject_fault(dist.rank(), progress.global_step, "eval")
     val: dict[str, Any] | None = None
     for name in s.data.eval_names:
         res = evaluate(s, name)
@@ -772,7 +676,7 @@ def save(s: Session, progress: TrainingProgress, eval_metrics: dict[str, Any]) -
     best = checkpoint_name(progress.best_step) if progress.best_step is not None else None
     s.run.commit(progress.global_step, folder, eval_metrics, {"best": best, "world": dist.world()})
     s.clock.saved()
-    _inject_fault(rank, progress.global_step, "save")
+    inject_fault(rank, progress.global_step, "save")
     name = checkpoint_name(progress.global_step)
     if s.report is not None:
         s.report(
@@ -1060,52 +964,10 @@ def check_resume(
         )
 
 
-FAULT_MODES = ("exit", "raise", "kill", "term")
-FAULT_POINTS = ("step", "eval", "save")
-
-
 def trains_longer(cfg: Config, results: dict[str, Any]) -> bool:
     """Whether this config trains longer than the finished run's (train.epochs or train.max_steps changed)."""
     old = ((results.get("provenance") or {}).get("config") or {}).get("train") or {}
     return old.get("epochs") != cfg.train.epochs or old.get("max_steps") != cfg.train.max_steps
-
-
-def _inject_fault(rank: int, step: int, point: str) -> None:
-    """Failure-recovery testing: RAYTAG_FAULT_INJECT="RANK:STEP:MARKER[:MODE][:POINT]" makes that rank
-    fail once (the marker file records it), at STEP's POINT:
-
-    - POINT `step` (default): the start of that optimizer step; `eval`: the start of the evaluation
-      after it; `save`: right after its checkpoint is written locally and its upload has begun.
-    - MODE `exit` (default): the process exits at once (`os._exit`, no cleanup); `kill`: it sends
-      itself SIGKILL; `term`: it sends itself SIGTERM (a stop request, handled as from outside);
-      `raise`: it raises (an error on one rank only).
-
-    The older form MODE `save` means `exit` at POINT `save`. Unset: nothing."""
-    spec = os.environ.get("RAYTAG_FAULT_INJECT")
-    if not spec:
-        return
-    want_rank, want_step, rest = spec.split(":", 2)
-    parts = rest.split(":")
-    mode, at = "exit", "step"
-    while len(parts) > 1 and parts[-1] in (*FAULT_MODES, *FAULT_POINTS):
-        word = parts.pop()
-        if word in FAULT_MODES:
-            mode = word
-        else:
-            at = word
-    marker = ":".join(parts)
-    if rank != int(want_rank) or step != int(want_step) or at != point or Path(marker).exists():
-        return
-    Path(marker).write_text(f"rank {rank} failed ({mode}) at step {step} ({point})\n")
-    if mode == "raise":
-        raise RuntimeError(f"RAYTAG_FAULT_INJECT: injected failure on rank {rank} at step {step}")
-    log.warning("RAYTAG_FAULT_INJECT: %s on rank %d at step %d (%s)", mode, rank, step, point)
-    if mode == "term":
-        os.kill(os.getpid(), signal.SIGTERM)
-    elif mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    else:
-        os._exit(17)
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:
