@@ -267,7 +267,7 @@ def run_sweep(
     """Plan, skip finished trials, run the rest on Ray Tune, write sweep.json and sweep.md; return the record."""
     from raytag.cluster.storage import open_storage
 
-    from .loop import trains_longer
+    from .resume import trains_longer
 
     base, axes, trials = plan(config_path, items, samples, seed)
     rc = base.run
