@@ -15,7 +15,7 @@ Two parts, each mode in its own subprocess:
 Dense: the embedding gradient is a table-sized tensor (XLM-R: 250,002 rows) allocated, zeroed
 and scattered into every step, and AdamW reads and writes every row. Sparse: the gradient holds
 the touched rows and AdamW updates those, each row catching up on the momentum steps it missed
-(trainer/engine.py, RowSparseAdamW).
+(trainer/sparse_adam.py, RowSparseAdamW).
 
 Needs ../shared (CoNLL data, the encoder tool) and the `bench` extra.
 
@@ -44,14 +44,9 @@ MODES = ("dense", "sparse")
 def step_worker(mode: str, precision: str, batch: int, steps: int) -> dict:
     import torch
 
-    from raytag.trainer.engine import (
-        EngineSpec,
-        build_engine,
-        catch_up_rows,
-        end_local_process_group,
-        resolve_precision,
-    )
+    from raytag.trainer.engine import EngineSpec, build_engine, end_local_process_group, resolve_precision
     from raytag.trainer.model import load_model, load_tokenizer
+    from raytag.trainer.sparse_adam import catch_up_rows
 
     tok = load_tokenizer(str(quality.ENCODER))
     sentences = quality.read_conll(quality.CONLL / "train.txt", limit=batch * (steps + 2))

@@ -175,7 +175,7 @@ RUN=finished
 FIRST_SUMMARY=
 for Z in ${RAYTAG_GPU_SH_ZERO:-0 2}; do
     STAGE=("run.name=$NAME-zero$Z")
-    # One worker runs ZeRO-0 unless DeepSpeed's JSON names the stage (trainer/loop.py, engine_spec).
+    # One worker runs ZeRO-0 unless DeepSpeed's JSON names the stage (trainer/engine.py, engine_spec).
     [ "$Z" != 0 ] && STAGE+=("train.deepspeed={zero_optimization: {stage: $Z}}")
     say "step 3: bf16 run at ZeRO-$Z of $CONFIG ${OVERRIDES[*]} ${STAGE[*]}"
     "$PY" bench/gpu_run.py --label "ZeRO-$Z" --config "$CONFIG" --summary "$OUTDIR/gpu-summary-zero$Z.json" \

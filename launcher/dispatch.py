@@ -29,8 +29,8 @@ def prepare_only(cfg: Config, rebuild: bool = False, executor: str = "auto") -> 
     """`prepare`: make (or find) the training shards of `cfg` and return where they are. Under
     `ray job submit` (or RAY_ADDRESS) large inputs are spread over the cluster as Ray tasks;
     `executor` forces one way (inline, processes, ray)."""
-    from raytag.trainer.loop import tokenizer_fingerprint, train_spec
     from raytag.trainer.model import load_tokenizer
+    from raytag.trainer.run_data import tokenizer_fingerprint, train_spec
     from raytag.trainer.shards import INLINE, PROCESSES, prepare
 
     parallel = PROCESSES

@@ -126,8 +126,9 @@ def _preflight(cfg: Config) -> Config:
     from raytag.cluster.run import wipe_run
     from raytag.cluster.runlock import RunLock
     from raytag.cluster.storage import open_storage
-    from raytag.trainer.loop import check_resume, read_splits, tokenizer_fingerprint, train_spec
     from raytag.trainer.model import load_tokenizer
+    from raytag.trainer.resume import check_resume
+    from raytag.trainer.run_data import read_splits, tokenizer_fingerprint, train_spec
     from raytag.trainer.shards import prepare
 
     storage = open_storage(cfg.run.storage, endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)

@@ -266,7 +266,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Plan, skip finished trials, run the rest on Ray Tune, write sweep.json and sweep.md; return the record."""
     from raytag.cluster.storage import open_storage
-    from raytag.trainer.loop import trains_longer
+    from raytag.trainer.resume import trains_longer
 
     base, axes, trials = plan(config_path, items, samples, seed)
     rc = base.run

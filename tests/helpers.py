@@ -47,9 +47,9 @@ def kill_training_at_micro_batch(monkeypatch: pytest.MonkeyPatch, n: int) -> Cal
 
     Returns a function that restores the loop, for a second attempt in the same test.
     """
-    import raytag.trainer.loop as loop
+    import raytag.trainer.step as step
 
-    real, calls = loop.collate, {"n": 0}
+    real, calls = step.collate, {"n": 0}
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -57,8 +57,8 @@ def kill_training_at_micro_batch(monkeypatch: pytest.MonkeyPatch, n: int) -> Cal
             raise KeyboardInterrupt(f"killed at micro-batch {n}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "collate", dying)
-    return lambda: monkeypatch.setattr(loop, "collate", real)
+    monkeypatch.setattr(step, "collate", dying)
+    return lambda: monkeypatch.setattr(step, "collate", real)
 
 
 def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytag.trainer.engine import EngineSpec, build_engine, catch_up_rows, end_local_process_group
+from raytag.trainer.engine import EngineSpec, build_engine, end_local_process_group
 from raytag.trainer.model import load_model, load_tokenizer
+from raytag.trainer.sparse_adam import catch_up_rows
 
 pytestmark = pytest.mark.slow  # builds DeepSpeed engines (and the process group) in this process
 
@@ -120,7 +121,7 @@ def _twin_tables(rows: int = 12, width: int = 6):
 
 
 def _train_twins(dense, sparse, id_lists, lr=0.05, weight_decay=0.1):
-    from raytag.trainer.engine import RowSparseAdamW, settle_before_lookup
+    from raytag.trainer.sparse_adam import RowSparseAdamW, settle_before_lookup
 
     kw = {"lr": lr, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": weight_decay}
     opt_dense = torch.optim.AdamW(dense.parameters(), fused=True, **kw)
@@ -269,7 +270,7 @@ def test_sparse_embeddings_with_two_zero0_workers_keep_the_replicas_identical(tm
 def test_row_sparse_state_survives_a_checkpoint_with_its_dtypes():
     dense, sparse = _twin_tables()
     opt = _train_twins(dense, sparse, [[0, 1], [2], [0, 3]])
-    from raytag.trainer.engine import RowSparseAdamW
+    from raytag.trainer.sparse_adam import RowSparseAdamW
 
     again = RowSparseAdamW(
         sparse.parameters(), lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, fused=True
@@ -284,7 +285,7 @@ def test_row_sparse_state_survives_a_checkpoint_with_its_dtypes():
 def test_row_sparse_records_grow_by_doubling_and_trimmed_records_resume_the_same():
     # The per-step records (index t is step t) grow by doubling, not by one copy per step; a state
     # whose records end at the current step (checkpoints written before that) trains on identically.
-    from raytag.trainer.engine import RowSparseAdamW, settle_before_lookup
+    from raytag.trainer.sparse_adam import RowSparseAdamW, settle_before_lookup
 
     dense, sparse = _twin_tables()
     opt = _train_twins(dense, sparse, [[i % 12, (5 * i) % 12] for i in range(20)])

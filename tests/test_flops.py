@@ -58,7 +58,7 @@ def test_the_cpu_peak_is_measured_in_the_runs_precision():
 
 def test_sparse_embedding_updates_need_zero_0():
     from raytag.trainer.config import ConfigError, load_config
-    from raytag.trainer.loop import engine_spec
+    from raytag.trainer.engine import engine_spec
 
     demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     cfg = load_config(demo, ["train.embedding_updates=sparse"])
@@ -75,7 +75,7 @@ def test_auto_embedding_updates_are_sparse_for_one_cpu_worker_only(caplog):
     import torch
 
     from raytag.trainer.config import load_config
-    from raytag.trainer.loop import engine_spec, fit_embedding_updates
+    from raytag.trainer.engine import engine_spec, fit_embedding_updates
 
     demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     cfg = load_config(demo, [])

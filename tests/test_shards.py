@@ -104,8 +104,8 @@ def test_tokenizer_window_or_one_input_byte_make_new_shards(tmp_path, blocks):
 
 def test_model_tokenizer_changes_the_fingerprint():
     """The fingerprint's tokenizer part is the tokenizer's full definition (vocabulary, normaliser)."""
-    from raytag.trainer.loop import tokenizer_fingerprint
     from raytag.trainer.model import load_tokenizer
+    from raytag.trainer.run_data import tokenizer_fingerprint
 
     real = ROOT.parent / "shared" / "models" / "xlm-roberta-base-tokenizer"
     if not real.is_dir():

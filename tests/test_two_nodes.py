@@ -165,8 +165,8 @@ def _eval_batches(n: int) -> int:
     """How many evaluation batches the demo's validation set makes (its first n sentences)."""
     from raytag.trainer.batching import plan_batches
     from raytag.trainer.features import encode
-    from raytag.trainer.loop import read_splits
     from raytag.trainer.model import load_tokenizer
+    from raytag.trainer.run_data import read_splits
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.max_eval_samples={n}"])
     val = read_splits(cfg)["validation"]

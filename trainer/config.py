@@ -125,7 +125,7 @@ class TrainConfig:
     embedding_updates: Literal["auto", "dense", "sparse"] = "auto"
     """How the word-embedding table learns. sparse: its gradient holds the rows a step touched and
     AdamW updates those rows, each catching up on the momentum steps it missed (RowSparseAdamW in
-    trainer/engine.py), instead of reading and writing the whole table (XLM-R: 192M of 278M
+    trainer/sparse_adam.py), instead of reading and writing the whole table (XLM-R: 192M of 278M
     parameters) every step; needs ZeRO-0. auto (logged): sparse for one CPU worker (which runs
     ZeRO-0), dense on GPUs, under ZeRO-1/2/3 and with several workers. Measured on CPU
     (bench/embeddings.py, bench/quality.py): the optimizer step 0.02 s against 0.10 s, and one epoch

@@ -118,3 +118,8 @@ def mfu(flops_per_second: float, peak: Peak, devices: int) -> float | None:
     if not peak.flops or devices < 1:
         return None
     return flops_per_second / (peak.flops * devices)
+
+
+def rounded(x: float | None, digits: int = 4) -> float | None:
+    """`x` to `digits` places, None as None: an MFU as the training log and results.json record it."""
+    return None if x is None else round(x, digits)
