@@ -10,7 +10,30 @@ from pathlib import Path
 
 import pytest
 
-MAIN = Path(__file__).resolve().parents[1] / "trainer" / "main.py"
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "trainer" / "main.py"
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def train_demo(storage: Path | str, name: str, *overrides: str) -> dict:
+    """Train the demo config as run `name` in `storage` (a folder or s3:// prefix), in this process."""
+    from raytag.trainer.config import load_config, to_dict
+    from raytag.trainer.loop import train_loop
+
+    cfg = load_config(DEMO, [f"run.storage={storage}", f"run.name={name}", *overrides])
+    return train_loop(to_dict(cfg))
+
+
+def run_records(run_dir: Path) -> list[dict]:
+    """The records of a local run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss of a local run (its metrics.jsonl)."""
+    return train_losses((run_dir / "metrics.jsonl").read_text().splitlines())
 
 
 def cli(*args: str, cwd: Path = MAIN.parents[1], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -172,19 +195,9 @@ def assert_matches_one_worker(metrics_lines: list[str], results: dict, overrides
     """Data-parallel equivalence: 2 workers' per-step losses (`metrics_lines`) equal those of one
     in-process worker with 2 accumulation steps over the same global batches (`overrides`: the run's
     config overrides), and both train on the same tokens."""
-    from pathlib import Path
-
     import torch
 
-    from raytag.trainer.config import load_config, to_dict
-    from raytag.trainer.loop import train_loop
-
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config(
-        root / "configs" / "demo.yaml",
-        [f"run.storage={tmp}", "run.name=single", "train.gradient_accumulation_steps=2", *overrides],
-    )
-    single = train_loop(to_dict(cfg))
+    single = train_demo(tmp, "single", "train.gradient_accumulation_steps=2", *overrides)
     a = train_losses(metrics_lines)
     b = train_losses((Path(tmp) / "single" / "metrics.jsonl").read_text().splitlines())
     assert sorted(a) == sorted(b) and a, (a, b)

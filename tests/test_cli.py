@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 
 from raytag.trainer.config import load_config
-from tests.helpers import MAIN, cli
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import MAIN, ROOT, cli
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -12,14 +12,11 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from raytag.trainer.config import load_config
-from tests.helpers import RAY_SMALL, assert_matches_one_worker
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import RAY_SMALL, ROOT, assert_matches_one_worker
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.integration]
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import ROOT
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu.sh"
 
 

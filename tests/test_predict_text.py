@@ -26,7 +26,6 @@ from raytag.trainer.predict import load_exported, predict
 from raytag.trainer.words import split_words
 from tests.helpers import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "xlm-roberta-base-tokenizer"
 DEMO_TOKENIZER = str(importlib.resources.files("raytag.trainer") / "assets" / "demo-tokenizer")
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]

@@ -21,16 +21,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from raytag.trainer.config import load_config, to_dict
+from tests.helpers import DEMO, ROOT, train_demo
 from tests.s3_server import S3TestServer
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,10 +44,7 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def train(storage: str, name: str, *overrides: str) -> dict:
-    from raytag.trainer.loop import train_loop
-
-    cfg = load_config(DEMO, [f"run.storage={storage}", f"run.name={name}", *COMMON, *overrides])
-    return train_loop(to_dict(cfg))
+    return train_demo(storage, name, *COMMON, *overrides)
 
 
 def get(server: S3TestServer, bucket: str, key: str) -> bytes | None:

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RAY_SMALL, assert_matches_one_worker, submit_job, train_losses, wait_job
+from tests.helpers import RAY_SMALL, ROOT, assert_matches_one_worker, submit_job, train_losses, wait_job
 from tests.ray_cluster import RayCluster
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

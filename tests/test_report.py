@@ -14,8 +14,8 @@ import pytest
 
 from raytag.launcher.cli import main
 from raytag.trainer.plots import PLOTS
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it when missing
 # This machine's network is closed: no first-run, sync, component or background fetches.
 CHROMIUM_ARGS = [

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from raytag.trainer.config import load_config, to_dict
-from tests.helpers import RUN_OUTPUTS, assert_tensorboard_matches_metrics, kill_training_at_micro_batch
+from tests.helpers import (
+    DEMO,
+    ROOT,
+    RUN_OUTPUTS,
+    assert_tensorboard_matches_metrics,
+    kill_training_at_micro_batch,
+    train_demo,
+)
 from tests.s3_server import S3TestServer
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,10 +61,7 @@ def staging(storage: str, name: str) -> Path:
 
 
 def train(storage: str, name: str, *overrides: str) -> dict:
-    from raytag.trainer.loop import train_loop
-
-    cfg = load_config(DEMO, [f"run.storage={storage}", f"run.name={name}", *SMALL, *overrides])
-    return train_loop(to_dict(cfg))
+    return train_demo(storage, name, *SMALL, *overrides)
 
 
 def test_run_writes_everything_to_the_bucket_and_resumes_on_a_clean_machine(

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raytag.trainer.config import load_config, to_dict
 from raytag.trainer.shard_plan import ShardReader, plan_epoch
 from raytag.trainer.shards import Corpus, PrepareSpec, ShardError, find, prepare
+from tests.helpers import ROOT
+from tests.helpers import run_losses as losses
+from tests.helpers import train_demo as train
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
 DEMO_TRAIN = ROOT / "trainer" / "assets" / "demo" / "train.txt"
 TOKENIZER = "builtin:tiny-xlmr"
 
@@ -225,18 +225,6 @@ def test_mixture_weights_draw_shards_per_epoch(tmp_path, blocks):
 
 
 # --------------------------------------------------------------------------- training over shards
-
-
-def train(tmp: Path, name: str, *overrides: str) -> dict:
-    from raytag.trainer.loop import train_loop
-
-    cfg = load_config(DEMO, [f"run.storage={tmp}", f"run.name={name}", *overrides])
-    return train_loop(to_dict(cfg))
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["type"] == "train"}
 
 
 @pytest.mark.slow

@@ -11,9 +11,8 @@ import pytest
 
 from raytag.launcher.sweep import Axis, parse_axis, plan, points, split_args, table
 from raytag.trainer.config import ConfigError
+from tests.helpers import ROOT
 from tests.ray_cluster import RayCluster
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_grid_axes_cross_in_the_order_given():

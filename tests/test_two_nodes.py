@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 
 from raytag.trainer.config import load_config
-from tests.helpers import RAY_SMALL, RUN_OUTPUTS, assert_matches_one_worker, submit_job, wait_job
+from tests.helpers import RAY_SMALL, ROOT, RUN_OUTPUTS, assert_matches_one_worker, submit_job, wait_job
 from tests.ray_cluster import SLOT, RayCluster
 
-ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.integration]

@@ -2,7 +2,7 @@
 each phase a call into the module named for it:
 
 setup     config -> the run's storage (cluster/run.py), data and label checks (run_data.py),
-          the global batch plan (shards.py), the engine (engine.py)
+          the global batch plan (shard_plan.py), the engine (engine.py)
 resume    the newest complete checkpoint (resume.py: rank 0 decides, every rank loads its own part)
 steps     global batch plan -> this rank's micro-batches -> forward/backward/step; log (step.py)
 evaluate  after each epoch (and every train.eval_every steps): validation + named sets (session.py)
