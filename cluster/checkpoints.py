@@ -18,7 +18,7 @@ import math
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -486,12 +486,14 @@ class CheckpointStore:
         """Every complete, verified checkpoint (manifest parses, files exist with their sizes), by step."""
         return self._scan().complete
 
-    def latest(self) -> CheckpointInfo | None:
-        """The newest complete checkpoint by step, or None; logs why each broken one is skipped."""
+    def latest(self, skip: Collection[str] = ()) -> CheckpointInfo | None:
+        """The newest complete checkpoint by step, or None; logs why each broken one is skipped.
+        `skip`: names not to pick (checkpoints that failed their check on fetch)."""
         scan = self._scan()
         for name, (_step, reason) in scan.broken.items():
             self.log(f"skipping checkpoint {name}: {reason}")
-        return scan.complete[-1] if scan.complete else None
+        complete = [i for i in scan.complete if i.name not in skip]
+        return complete[-1] if complete else None
 
     def download(self, info: CheckpointInfo, dest: Path) -> Path:
         """Fetch checkpoint ``info`` into folder ``dest`` and verify every sha256; return the folder.

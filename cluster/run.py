@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,8 +283,9 @@ class RunStore:
 
     # ------------------------------------------------------------------ resume
 
-    def resume_point(self) -> CheckpointInfo | None:
-        """The newest complete checkpoint, decided by rank 0 and received by every rank.
+    def resume_point(self, skip: Collection[str] = ()) -> CheckpointInfo | None:
+        """The newest complete checkpoint (not named in `skip`), decided by rank 0 and received by
+        every rank.
 
         First, checkpoints whose files a crashed attempt left on this node's disk are uploaded
         and completed (manifest written) when every rank's part is then in the bucket.
@@ -301,7 +302,7 @@ class RunStore:
             try:
                 if self.remote:
                     self._complete_from_parts()
-                info = self.store.latest()
+                info = self.store.latest(skip)
             except BaseException as exc:
                 error = exc
         self.group.agree(error)

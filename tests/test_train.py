@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from raytag.trainer.config import load_config, to_dict
-from raytag.trainer.loop import train_loop
-from tests.helpers import RUN_OUTPUTS, assert_tensorboard_matches_metrics, cli, kill_training_at_micro_batch
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
+from tests.helpers import (
+    ROOT,
+    RUN_OUTPUTS,
+    assert_tensorboard_matches_metrics,
+    cli,
+    kill_training_at_micro_batch,
+)
+from tests.helpers import run_losses as losses
+from tests.helpers import run_records as records
+from tests.helpers import train_demo as run
 
 pytestmark = pytest.mark.slow
-
-
-def run(tmp: Path, name: str, *overrides: str) -> dict:
-    cfg = load_config(DEMO, [f"run.storage={tmp}", f"run.name={name}", *overrides])
-    return train_loop(to_dict(cfg))
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {rec["step"]: rec["loss"] for rec in records(run_dir) if rec.get("type") == "train"}
 
 
 def test_two_zero2_steps_lower_the_loss(tmp_path, caplog):
@@ -130,6 +120,39 @@ def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch, embeddings):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_a_checkpoint_that_fails_its_check_on_fetch_falls_back_to_the_previous_one(
+    tmp_path, monkeypatch, caplog
+):
+    """The newest checkpoint's files have their manifest's sizes (so it is picked) but not its
+    sha256 (a file rewritten after its manifest): the resume warns and continues from the one before."""
+    caplog.set_level("INFO", logger="raytag")
+    common = [
+        "data.max_train_samples=96",
+        "data.max_eval_samples=16",
+        "data.test=null",
+        "train.batch_tokens=384",
+        "train.max_steps=6",
+        "train.eval_every=2",  # a checkpoint with a validation F1 every 2 steps: retention keeps them
+        "train.log_every=1",
+        "run.keep_best=3",
+    ]
+    restore = kill_training_at_micro_batch(monkeypatch, 5)  # dies in step 5: checkpoints 2 and 4 saved
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "r", *common)
+    restore()
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
+    rng = ckpts / "step-00000004" / "rng-rank0.pt"
+    rng.write_bytes(bytes(b ^ 0xFF for b in rng.read_bytes()))  # same size, other bytes
+
+    res = run(tmp_path, "r", *common)
+    assert res["resumed_from"] == "step-00000002" and res["global_steps"] == 6
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "checkpoint step-00000004 failed its check on fetch" in m and "rng-rank0.pt" in m for m in warned
+    ), warned
 
 
 def test_a_finished_run_trains_on_when_asked_for_more_steps(tmp_path, caplog):

@@ -12,9 +12,12 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from raytag.cluster.checkpoints import CheckpointVerifyError
 
 from .config import Config, ConfigError, to_dict
 from .progress import TrainingProgress, set_rng_state
@@ -27,13 +30,16 @@ def resume(cfg: Config, run: Any, engine: Any, data: Data, group: Any) -> tuple[
     """The progress to train on from, and the name of the checkpoint it came from (None: a fresh start).
 
     Rank 0 picks the newest complete checkpoint and checks that this run may continue it; every
-    rank then loads its own part of it. Rank 0 copies the run's metrics up to that checkpoint
-    into the working folder.
+    rank then fetches its own part of it. A checkpoint whose files fail their check on any rank
+    (a sha256 that does not match its manifest) is skipped with a warning, and the previous
+    complete one is tried. Rank 0 copies the run's metrics up to that checkpoint into the
+    working folder.
     """
     rc = cfg.run
-    progress, resumed_from = TrainingProgress(), None
-    info = run.resume_point() if rc.resume and not rc.new_run else None
-    if info is not None:
+    if not rc.resume or rc.new_run:
+        return TrainingProgress(), None
+    skipped: list[str] = []
+    while (info := run.resume_point(skipped)) is not None:
         error: BaseException | None = None
         if group.rank == 0:
             try:
@@ -49,26 +55,47 @@ def resume(cfg: Config, run: Any, engine: Any, data: Data, group: Any) -> tuple[
             except BaseException as exc:
                 error = exc
         group.agree(error)
-        folder = run.fetch(info)
-        engine.load_checkpoint(str(folder), tag="ds", load_module_strict=True)
-        progress = TrainingProgress.load(folder / "progress.json")
-        rng_file = folder / f"rng-rank{group.rank}.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        resumed_from = info.name
-        log.info(
-            "resumed from checkpoint %s (step %d, epoch %d) in %s",
-            info.name,
-            progress.global_step,
-            progress.epoch,
-            run.uri,
-        )
-        if group.rank == 0:  # the run's metrics up to this checkpoint travel inside it
-            if (folder / "metrics.jsonl").is_file():
-                shutil.copyfile(folder / "metrics.jsonl", run.workdir / "metrics.jsonl")
-            else:  # a checkpoint from before raytag kept them there
-                run.get_file("metrics.jsonl")
-    return progress, resumed_from
+        try:
+            folder, failed = run.fetch(info), None
+        except CheckpointVerifyError as exc:
+            folder, failed = None, f"rank {group.rank}: {exc}"
+        failures = [f for f in group.gather(failed) if f]  # every rank learns whether any rank failed
+        if folder is None or failures:
+            if group.rank == 0:
+                log.warning(
+                    "checkpoint %s failed its check on fetch (%s); resuming from the previous complete "
+                    "checkpoint instead",
+                    info.name,
+                    "; ".join(failures),
+                )
+            skipped.append(info.name)
+            continue
+        return _load(run, engine, info, folder, group), info.name
+    if skipped:
+        log.warning("no complete checkpoint of run %r passed its check: starting from scratch", rc.name)
+    return TrainingProgress(), None
+
+
+def _load(run: Any, engine: Any, info: Any, folder: Path, group: Any) -> TrainingProgress:
+    """Every rank: load its part of the fetched checkpoint in `folder` into `engine`; its progress."""
+    engine.load_checkpoint(str(folder), tag="ds", load_module_strict=True)
+    progress = TrainingProgress.load(folder / "progress.json")
+    rng_file = folder / f"rng-rank{group.rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    log.info(
+        "resumed from checkpoint %s (step %d, epoch %d) in %s",
+        info.name,
+        progress.global_step,
+        progress.epoch,
+        run.uri,
+    )
+    if group.rank == 0:  # the run's metrics up to this checkpoint travel inside it
+        if (folder / "metrics.jsonl").is_file():
+            shutil.copyfile(folder / "metrics.jsonl", run.workdir / "metrics.jsonl")
+        else:  # a checkpoint from before raytag kept them there
+            run.get_file("metrics.jsonl")
+    return progress
 
 
 def finished_stands(cfg: Config, finished: dict[str, Any], where: str) -> bool:
