@@ -230,12 +230,14 @@ class RunStore:
         log: Log = print,
         lease_info: dict[str, Any] | None = None,
         retry_budget_s: float | None = None,
+        on_lost: Callable[[str], Any] | None = None,
     ) -> RunStore:
         """Open run `name` in `storage` on every rank.
 
         Refuses (StorageError on every rank) a local folder when the ranks run on more than one
         node, and a run whose lease another live job holds. Rank 0 takes the lease and, with
-        `new_run`, removes the run's old outputs first.
+        `new_run`, removes the run's old outputs first. `on_lost(why)` is called (rank 0) when the
+        lease is lost to another job or fenced (see runlock.py): the run should stop.
         """
         nodes = group.gather(node)
         local = storage.local_path(name)
@@ -245,7 +247,11 @@ class RunStore:
                 f"sit on {len(set(nodes))} nodes (each node would see its own folder); use s3://bucket/prefix"
             )
         workdir = local if local is not None else staging_folder(staging_root, storage.uri, name)
-        lock = RunLock(storage, name, owner, log=log, info=lease_info) if group.rank == 0 else None
+        lock = (
+            RunLock(storage, name, owner, log=log, info=lease_info, on_lost=on_lost)
+            if group.rank == 0
+            else None
+        )
         error: BaseException | None = None
         if lock is not None:
             try:

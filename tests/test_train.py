@@ -155,6 +155,32 @@ def test_a_checkpoint_that_fails_its_check_on_fetch_falls_back_to_the_previous_o
     ), warned
 
 
+def test_a_run_whose_lease_cannot_be_renewed_stops_before_it_could_expire(tmp_path, monkeypatch):
+    """Storage unreachable for the lease (every renewal fails): the run is fenced, stops at its next
+    step, and writes no checkpoint (its lease may be another job's by then)."""
+    import functools
+
+    from raytag.cluster.runlock import RunLock, RunLockedError
+    from raytag.cluster.storage import StorageError
+    from raytag.trainer.stopping import STOP
+
+    def unreachable(self):
+        raise StorageError("cannot reach the endpoint (connection refused)", transient=True)
+
+    monkeypatch.setattr(
+        RunLock, "__init__", functools.partialmethod(RunLock.__init__, ttl_s=1.0, heartbeat_s=0.2)
+    )
+    monkeypatch.setattr(RunLock, "_renew", unreachable)
+    with pytest.raises(
+        RunLockedError, match="could not be renewed for 1 s .*stopping before writing checkpoint"
+    ) as e:
+        run(tmp_path, "fenced", "data.max_train_samples=400", "train.batch_tokens=64", "train.epochs=50")
+    # at the step after the fence (setup alone outlasts it), not at the epoch's end (about 200 steps)
+    assert int(str(e.value).rsplit("step-", 1)[1]) < 20, e.value
+    assert not STOP.requested
+    assert not list((tmp_path / "fenced").glob("checkpoints/*/MANIFEST.json"))
+
+
 def test_a_finished_run_trains_on_when_asked_for_more_steps(tmp_path, caplog):
     common = ["data.max_train_samples=48", "data.max_eval_samples=16", "data.test=null", "train.log_every=1"]
     first = run(tmp_path, "longer", *common, "train.max_steps=3")

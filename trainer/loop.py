@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -184,6 +185,9 @@ def open_run(cfg: Config, group: Any, node: str | None, lease_info: dict[str, An
         log=log.info,
         lease_info=lease_info,
         retry_budget_s=rc.storage_retry_seconds,
+        # A lease lost or fenced (storage unreachable for most of its TTL): stop at the next step;
+        # the checkpoint that a stop writes is then refused, as the lease may no longer be this run's.
+        on_lost=lambda why: STOP.request(why, time.time() + rc.stop_grace_seconds),
     )
 
 
