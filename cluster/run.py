@@ -318,8 +318,9 @@ class RunStore:
         """One small file of checkpoint `info` (config.yaml, labels.json, ...), read from storage."""
         return self.storage.get_bytes(join_key(self.name, CHECKPOINTS, info.name, rel))
 
-    def fetch(self, info: CheckpointInfo, into: str = CHECKPOINTS) -> Path:
-        """This rank's files of checkpoint `info` (its own shards and the shared files), verified.
+    def fetch(self, info: CheckpointInfo, into: str = CHECKPOINTS, everything: bool = False) -> Path:
+        """This rank's files of checkpoint `info` (its own shards and the shared files; `everything`:
+        every rank's, to re-partition them for a group of another size), verified.
 
         Files already on this node with the manifest's size and sha256 are not downloaded again.
         Raises CheckpointVerifyError naming a missing or corrupt file.
@@ -328,7 +329,7 @@ class RunStore:
             return self.store.download(info, self.workdir / CHECKPOINTS / info.name)
         dest = self.workdir / into / info.name
         rank = self.group.rank
-        wanted = [e for e in info.files if needed_by(e["path"], rank)]
+        wanted = [e for e in info.files if everything or needed_by(e["path"], rank)]
         missing = [e for e in wanted if not _matches(dest / e["path"], e)]
         if missing:
             subset = CheckpointInfo(info.name, info.step, info.metrics, missing, info.epoch, info.created)

@@ -12,7 +12,7 @@ def run(cfg: Config) -> dict | None:
     """Local single-node mode in-process, or a Ray Train run when more workers or a cluster are asked for."""
     from raytag.trainer.stopping import on_sigterm
 
-    if cfg.scaling.num_workers == 1 and not _ray_cluster_reachable():
+    if cfg.scaling.num_workers == 1 and not _ray_cluster_reachable():  # a range always runs on Ray Train
         from raytag.trainer.loop import train_loop
 
         restore = on_sigterm(cfg.run.stop_grace_seconds)  # SIGTERM: checkpoint at the next step, exit 75

@@ -150,7 +150,7 @@ def _preflight(cfg: Config) -> Config:
                 return storage.get_bytes(join_key(cfg.run.name, "checkpoints", i.name, rel))
 
             check_resume(
-                cfg, info, read, labels, tokenizer_sha, cfg.scaling.num_workers, prepared.fingerprint
+                cfg, info, read, labels, tokenizer_sha, cfg.scaling.max_workers, prepared.fingerprint
             )
     lock = RunLock(storage, cfg.run.name, cfg.run.owner or "", log=log.info, gone=_ray_job_gone)
     if not cfg.run.new_run:
@@ -431,11 +431,15 @@ def launch(cfg: Config) -> dict[str, Any] | None:
     if sc.use_gpu:
         resources["GPU"] = 1  # one GPU per data-parallel worker (config validation refuses others)
     resources.update(sc.worker_resources)
+    # An elastic range: Ray Train v2 starts once MIN workers fit, and on a lost worker or node, or
+    # when the resize check (every elastic_resize_interval_s) finds room for more, restarts the
+    # group at the size that fits; each restart resumes from the latest checkpoint at that size.
     scaling = ray.train.ScalingConfig(
-        num_workers=sc.num_workers,
+        num_workers=(sc.min_workers, sc.max_workers) if sc.elastic else sc.num_workers,  # type: ignore[arg-type]  # Train v2 takes (min, max)
         use_gpu=sc.use_gpu,
         resources_per_worker=resources,
         placement_strategy=sc.placement_strategy,
+        **({"elastic_resize_monitor_interval_s": sc.elastic_resize_interval_s} if sc.elastic else {}),
     )
     storage_path, fs = _ray_storage(cfg)
     run_config = ray.train.RunConfig(
@@ -445,8 +449,8 @@ def launch(cfg: Config) -> dict[str, Any] | None:
         failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
     )
     log.info(
-        "Ray Train: %d worker(s), %s per worker, run %r, Ray state in %s/ray",
-        sc.num_workers,
+        "Ray Train: %s worker(s), %s per worker, run %r, Ray state in %s/ray",
+        f"{sc.min_workers} to {sc.max_workers} (elastic)" if sc.elastic else sc.num_workers,
         resources,
         cfg.run.name,
         storage_path,

@@ -251,7 +251,7 @@ def _trial_main(config: dict[str, Any]) -> None:
 
 def _resources(cfg: Config) -> dict[str, float]:
     sc = cfg.scaling
-    if sc.num_workers > 1:  # the trial only drives Ray Train, whose workers ask for their own
+    if sc.elastic or sc.max_workers > 1:  # the trial only drives Ray Train, whose workers ask for their own
         return {"CPU": 0.01}
     return {"CPU": sc.cpus_per_worker or 1, **({"GPU": 1} if sc.use_gpu else {})}
 

@@ -163,8 +163,8 @@ def test_an_error_on_one_rank_ends_the_run_and_user_errors_are_refused_once(
     aws_env, local_ray, tmp_path, monkeypatch
 ):
     """Rank 1 alone raises in step 4 (rank 0 waits in that step's collectives): the run ends within
-    30 s with rank 1's error in one line. Then resuming with a changed config, or with another
-    worker count, is refused in the driver before any worker starts."""
+    30 s with rank 1's error in one line. Then resuming with a changed config is refused in the
+    driver before any worker starts (another worker count is not: tests/test_elastic.py)."""
     from raytag.launcher.ray_launcher import LaunchError, launch
     from raytag.trainer.config import ConfigError
 
@@ -184,8 +184,6 @@ def test_an_error_on_one_rank_ends_the_run_and_user_errors_are_refused_once(
     started = time.monotonic()
     with pytest.raises(ConfigError, match=r"train.learning_rate: 0.003 -> 0.001"):
         launch(_s3_config(bucket, "err", "train.max_steps=6", "train.learning_rate=1e-3"))
-    with pytest.raises(ConfigError, match=r"trained with 2 worker\(s\) and this run has 1"):
-        launch(_s3_config(bucket, "err", "train.max_steps=6", "scaling.num_workers=1"))
     assert time.monotonic() - started < 30  # decided in the driver: no worker group was started
 
 

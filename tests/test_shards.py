@@ -65,8 +65,8 @@ def test_many_files_and_their_concatenation_give_the_same_windows_and_plan(tmp_p
     np.testing.assert_array_equal(a.shard_of, b.shard_of)
     for world, accum in ((2, 1), (1, 2), (3, 2)):
         for r in range(world):
-            pa_, _ = plan_epoch(a, {}, 512, 256, 7, 1, world, r, accum)
-            pb, _ = plan_epoch(b, {}, 512, 256, 7, 1, world, r, accum)
+            pa_, _ = plan_epoch(a, {}, 512, 256, 7, 1, world, r, world * accum)
+            pb, _ = plan_epoch(b, {}, 512, 256, 7, 1, world, r, world * accum)
             assert pa_ == pb
     # The same windows, token for token, through each rank's reader.
     ra = ShardReader(a, _store(tmp_path), 0)
@@ -159,7 +159,7 @@ def test_the_plan_gives_each_rank_its_own_shards_and_equal_steps(tmp_path, block
     p = prepare(spec(tmp_path, str(write(tmp_path / "a.conll", blocks))), "tok")
     assert p.num_shards >= 8
     for world, accum in ((2, 1), (2, 2), (3, 1)):
-        plans = [plan_epoch(p, {}, 384, 256, 3, 0, world, r, accum) for r in range(world)]
+        plans = [plan_epoch(p, {}, 384, 256, 3, 0, world, r, world * accum) for r in range(world)]
         assert len({len(pl.steps) for pl, _ in plans}) == 1  # the same number of steps everywhere
         shard_sets = [set(s) for _, s in plans]
         assert set().union(*shard_sets) == set(range(p.num_shards))  # together complete
@@ -176,10 +176,26 @@ def test_the_plan_gives_each_rank_its_own_shards_and_equal_steps(tmp_path, block
             total = sum(int(p.labelled[i]) for pl, _ in plans for mb in pl.steps[s] for i in mb)
             assert plans[0][0].labelled[s] == total
     # 2 workers x 1 == 1 worker x 2 accumulation: the same global batches
-    two = [plan_epoch(p, {}, 384, 256, 3, 0, 2, r, 1)[0] for r in range(2)]
+    two = [plan_epoch(p, {}, 384, 256, 3, 0, 2, r, 2)[0] for r in range(2)]
     one = plan_epoch(p, {}, 384, 256, 3, 0, 1, 0, 2)[0]
     assert [[two[0].steps[s][0], two[1].steps[s][0]] for s in range(len(one.steps))] == one.steps
     assert plan_epoch(p, {}, 384, 256, 3, 1, 1, 0, 1)[0] != plan_epoch(p, {}, 384, 256, 3, 0, 1, 0, 1)[0]
+
+
+def test_the_global_batches_do_not_depend_on_the_group_size(tmp_path, blocks):
+    """An elastic run's plan: 3 lanes dealt to groups of 1, 2 and 3 ranks give the same global
+    micro-batches at every step (a rank with a lane fewer runs an empty one), each window once."""
+    p = prepare(spec(tmp_path, str(write(tmp_path / "a.conll", blocks))), "tok")
+
+    def global_steps(world: int) -> list[list[list[int]]]:
+        plans = [plan_epoch(p, {}, 384, 256, 3, 0, world, r, 3)[0] for r in range(world)]
+        assert len({len(pl.steps) for pl in plans}) == 1
+        assert all(len(step) == -(-3 // world) for pl in plans for step in pl.steps)
+        return [sorted(mb for pl in plans for mb in pl.steps[s] if mb) for s in range(len(plans[0].steps))]
+
+    one, two, three = global_steps(1), global_steps(2), global_steps(3)
+    assert one == two == three
+    assert sorted(i for step in one for mb in step for i in mb) == list(range(len(p.lengths)))
 
 
 def test_a_lanes_batches_mix_its_shards_and_each_shard_is_read_once(tmp_path, blocks, monkeypatch):

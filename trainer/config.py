@@ -191,9 +191,14 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: int | list[int] = 1
     """Data-parallel workers, one DeepSpeed process each (on GPUs, one per GPU). 1 trains in this
-    process unless under `ray job submit` or RAY_ADDRESS; more run as a Ray Train worker group."""
+    process unless under `ray job submit` or RAY_ADDRESS; more run as a Ray Train worker group.
+    [MIN, MAX] (e.g. [2, 8]) is an elastic group on Ray Train: it starts once MIN workers can be
+    placed, shrinks when workers or nodes are lost, and grows back to MAX when capacity returns; the
+    global batch and the schedule are planned for MAX, so the results do not depend on the size."""
+    elastic_resize_interval_s: float = 60.0
+    """Elastic runs: how often Ray Train checks whether more workers can be placed (and the group grows)."""
     use_gpu: bool = False
     """Train on GPUs, one per worker; a worker that sees no GPU is an error."""
     cpus_per_worker: float | None = None
@@ -208,6 +213,20 @@ class ScalingConfig:
     STRICT_PACK (all on one node), STRICT_SPREAD (each on its own node)."""
     max_failures: int = 3
     """Ray restarts the worker group this many times after a lost worker or node."""
+
+    @property
+    def elastic(self) -> bool:
+        """A [MIN, MAX] range of workers (Ray Train's elastic group)."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The largest group: the run's global batch is planned for it."""
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
 
 
 @dataclass(frozen=True)
@@ -436,8 +455,18 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
         if not obj.stop_grace_seconds > 0:
             raise bad("stop_grace_seconds", f"must be > 0, got {obj.stop_grace_seconds}")
     elif isinstance(obj, ScalingConfig):
-        if obj.num_workers < 1:
+        if isinstance(obj.num_workers, list):
+            if len(obj.num_workers) != 2:
+                raise bad("num_workers", f"a range is [MIN, MAX], got {obj.num_workers}")
+            low, high = obj.num_workers
+            if low < 1:
+                raise bad("num_workers", f"MIN must be >= 1, got {obj.num_workers}")
+            if low > high:
+                raise bad("num_workers", f"MIN must not exceed MAX, got {obj.num_workers}")
+        elif obj.num_workers < 1:
             raise bad("num_workers", f"must be >= 1, got {obj.num_workers}")
+        if not obj.elastic_resize_interval_s > 0:
+            raise bad("elastic_resize_interval_s", f"must be > 0, got {obj.elastic_resize_interval_s}")
         if obj.gpus_per_worker is not None and obj.gpus_per_worker != 1:
             raise bad(
                 "gpus_per_worker",

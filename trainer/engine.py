@@ -99,13 +99,27 @@ def rank_device(use_gpu: bool, given: torch.device | None) -> torch.device:
     return device
 
 
-def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> EngineSpec:
-    """The DeepSpeed settings this run uses; the one place that decides the ZeRO stage."""
+def engine_spec(
+    cfg: Config,
+    world: int,
+    total_steps: int,
+    on_gpu: bool,
+    *,
+    planned_world: int | None = None,
+    accumulation: int | None = None,
+) -> EngineSpec:
+    """The DeepSpeed settings this run uses; the one place that decides the ZeRO stage.
+
+    `world` is the group training now; `planned_world` the workers the run was planned for (its
+    largest group: an elastic run's MAX), which decides the ZeRO stage and the embedding updates so
+    that they do not change when the group resizes; `accumulation` this rank's micro-batches a step
+    (default train.gradient_accumulation_steps)."""
     tc = cfg.train
+    planned = planned_world or world
     forced_stage = (tc.deepspeed.get("zero_optimization") or {}).get("stage")
     if forced_stage is not None:  # explicit DeepSpeed JSON wins
         zero_stage = int(forced_stage)
-    elif world == 1 and tc.zero_stage in (1, 2):
+    elif planned == 1 and tc.zero_stage in (1, 2):
         # ZeRO-1/2 partition optimizer state and gradients across data-parallel workers; with one
         # worker nothing is partitioned and the flat-buffer copies cost time: a step of the 384-wide
         # offline encoder takes 2.2x as long under ZeRO-2 on CPU (bench/engine_step.py).
@@ -113,7 +127,7 @@ def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> Engi
         zero_stage = 0
     else:
         zero_stage = tc.zero_stage
-    sparse = embedding_updates(tc.embedding_updates, zero_stage, world, on_gpu, "optimizer" in tc.deepspeed)
+    sparse = embedding_updates(tc.embedding_updates, zero_stage, planned, on_gpu, "optimizer" in tc.deepspeed)
     return EngineSpec(
         learning_rate=tc.learning_rate,
         weight_decay=tc.weight_decay,
@@ -123,7 +137,7 @@ def engine_spec(cfg: Config, world: int, total_steps: int, on_gpu: bool) -> Engi
         warmup_steps=int(round(tc.warmup_ratio * total_steps)),
         zero_stage=zero_stage,
         precision=resolve_precision(tc.precision, on_gpu),
-        accumulation=tc.gradient_accumulation_steps,
+        accumulation=accumulation or tc.gradient_accumulation_steps,
         max_grad_norm=tc.max_grad_norm,
         world_size=world,
         extra=tc.deepspeed,

@@ -19,6 +19,7 @@ from .flops import mfu, rounded
 from .outputs import export_model, git_commit, versions, write_json, write_predictions
 from .plots import CAPTIONS, model_plots, parse_metrics
 from .progress import TrainingProgress
+from .resume import load_engine_state, needs_repartition
 from .run_data import Data, train_provenance
 from .session import Session, evaluate
 from .sparse_adam import catch_up_rows
@@ -71,6 +72,9 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
             # rank -> [[epoch, shard], ...]: the shards each rank loaded (this attempt; a resumed run's
             # earlier reads are not repeated here)
             "reads": {str(r): [list(x) for x in part] for r, part in enumerate(reads)},
+            # per epoch: the windows trained on (each once: an epoch's plan, whatever the group) and
+            # the worker counts it ran under, in order (an elastic run's resizes)
+            "epochs": progress.epochs,
         },
         "provenance": provenance(s.cfg, s.data),
     }
@@ -96,8 +100,9 @@ def load_best(s: Session, progress: TrainingProgress) -> str | None:
         info = dist.broadcast_object(info)
         if info is None:
             raise RuntimeError(f"the best checkpoint {best} is missing from {run.uri}; cannot score with it")
-        folder = run.fetch(info, into="best")
-        s.engine.load_checkpoint(str(folder), tag="ds", load_module_strict=True)
+        repartition = needs_repartition(info, s.engine, dist.world())  # saved by a group of another size
+        folder = run.fetch(info, into="best", everything=repartition)
+        load_engine_state(s.engine, folder, run.workdir / "universal" / info.name, repartition, run.group)
         run.drop_fetched("best")
         log.info(
             "loaded the best checkpoint %s (validation F1 %.4f) for testing and export",
@@ -239,7 +244,9 @@ def _card(
         "max_steps": tc.max_steps,
         "batch_tokens (per worker)": batch_tokens if tc.batch_tokens != "auto" else f"{batch_tokens} (auto)",
         "gradient_accumulation_steps": tc.gradient_accumulation_steps,
-        "workers": cfg.scaling.num_workers,
+        "workers": f"{cfg.scaling.min_workers} to {cfg.scaling.max_workers} (elastic)"
+        if cfg.scaling.elastic
+        else cfg.scaling.num_workers,
         "optimizer": f"AdamW (betas {tc.adam_beta1}, {tc.adam_beta2}, "
         f"eps {tc.adam_epsilon}, weight decay {tc.weight_decay})",
         "lr_scheduler": "linear with warm-up",

@@ -94,14 +94,22 @@ def train_loop(
             success = True
             return finished
 
-        # ---- setup: data, the global batch plan, model and engine
+        # ---- setup: data, the resume point, the global batch plan (a resumed run's own), model and engine
         data = load_data(cfg, group)
-        plan, reader = plan_run(cfg, data, group)
+        info = run.resume_point() if rc.resume and not rc.new_run else None
+        plan, reader = plan_run(cfg, data, group, info.meta.get("plan") if info is not None else None)
         if finished is not None and nothing_to_add(cfg, finished, plan.total_steps):
             success = True
             return finished
         world = group.world
-        spec = engine_spec(cfg, world, plan.total_steps, device.type == "cuda")
+        spec = engine_spec(
+            cfg,
+            world,
+            plan.total_steps,
+            device.type == "cuda",
+            planned_world=plan.lanes // tc.gradient_accumulation_steps,
+            accumulation=-(-plan.lanes // world),
+        )
         attention = attention_kernel(mc.attention, spec)
         model = load_model(mc.name_or_path, data.labels, data.tokenizer, tc.seed, mc.dropout, attention)
         model.to(device)
@@ -109,7 +117,8 @@ def train_loop(
         engine = build_engine(model, spec, device_rank=device.index if device.type == "cuda" else None)
 
         # ---- resume: rank 0 picks the checkpoint, every rank loads its own part of it
-        progress, resumed_from = resume(cfg, run, engine, data, group)
+        progress, resumed = resume(cfg, run, engine, data, group, info)
+        resumed_from = resumed.name if resumed is not None else None
 
         # ---- the run's files and session
         if group.rank == 0:  # rank 0 alone writes the run's files (ranks may share the working folder)
@@ -119,6 +128,17 @@ def train_loop(
                 tensorboard=rc.tensorboard,
             )
             record_start(cfg, run, metrics, data, plan, spec, attention, world, resumed_from)
+            before = int(resumed.meta.get("world") or world) if resumed is not None else world
+            if before != world:  # the group's size changed since the checkpoint (an elastic resize)
+                metrics.write(
+                    {
+                        "type": "resize",
+                        "step": progress.global_step,
+                        "from": before,
+                        "to": world,
+                        "why": f"resumed from {resumed_from} with {world} worker(s); it was saved by {before}",
+                    }
+                )
         s = open_session(
             cfg,
             run,
@@ -134,6 +154,7 @@ def train_loop(
             progress=progress,
             rank=group.rank,
             notices=notices,
+            plan=plan.record,
         )
 
         # ---- epochs of steps, evaluating and saving where due (a stop request raises Preempted)
@@ -193,20 +214,40 @@ def open_run(cfg: Config, group: Any, node: str | None, lease_info: dict[str, An
 
 @dataclass
 class Plan:
-    """The run's global batch plan: the same on every rank, from the data and (seed, epoch) alone."""
+    """The run's global batch plan: the same on every rank, from the data and (seed, epoch) alone.
+
+    Its inputs are fixed when the run starts and travel in every checkpoint's manifest
+    (`record`): a resume, at any group size and with any new train.epochs, continues the same
+    plan, so each epoch's position means the same windows."""
 
     epoch: Callable[[int], StepPlan]  # an epoch's steps (each rank logs how many shards it reads)
     batch_tokens: int  # train.batch_tokens as resolved (`auto` -> a number)
-    steps_per_epoch: int
+    pool_batches: int  # the batches' length-sorted pools (batching.py)
+    lanes: int  # micro-batches per optimizer step, all workers: max workers x accumulation
+    epoch_steps: list[int]  # each epoch's steps (they vary a little with its shuffle)
     total_steps: int
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.epoch_steps[0]
 
-def plan_run(cfg: Config, data: Data, group: Any) -> tuple[Plan, ShardReader]:
-    """The global batch plan, and this rank's reader of its own training shards."""
+    @property
+    def record(self) -> dict[str, int]:
+        """What the checkpoint keeps: the plan's inputs."""
+        return {"batch_tokens": self.batch_tokens, "pool_batches": self.pool_batches, "lanes": self.lanes}
+
+
+def plan_run(cfg: Config, data: Data, group: Any, stored: dict[str, Any] | None) -> tuple[Plan, ShardReader]:
+    """The global batch plan, and this rank's reader of its own training shards.
+
+    A new run plans its global batch for its largest group (scaling.num_workers, an elastic run's
+    MAX) times train.gradient_accumulation_steps micro-batches a step, and resolves
+    `batch_tokens: auto` from the data; a resumed run takes both from its checkpoint (`stored`).
+    The step count is the sum of the epochs' own counts (a last fractional epoch rounded up)."""
     tc, rc = cfg.train, cfg.run
-    world, accum = group.world, tc.gradient_accumulation_steps
+    world = group.world
 
-    def plan_at(tokens: int, epoch: int, pool: int) -> tuple[StepPlan, list[int]]:
+    def plan_at(tokens: int, epoch: int, pool: int, lanes: int) -> tuple[StepPlan, list[int]]:
         return plan_epoch(
             data.train,
             data.weights,
@@ -216,33 +257,43 @@ def plan_run(cfg: Config, data: Data, group: Any) -> tuple[Plan, ShardReader]:
             epoch,
             world,
             group.rank,
-            accum,
+            lanes,
             pool,
         )
 
-    # `auto`: from the data alone, the same on every rank
-    batch_tokens, pool_batches = resolve_batch_tokens(
-        tc.batch_tokens,
-        data.lengths,
-        world * accum,
-        tc.epochs,
-        tc.max_batch_sentences,
-        log.info if group.rank == 0 else None,
-        steps_at=lambda tokens, pool: len(plan_at(tokens, 0, pool)[0].steps),
-    )
+    if stored:
+        lanes, batch_tokens, pool_batches = stored["lanes"], stored["batch_tokens"], stored["pool_batches"]
+    else:
+        lanes = cfg.scaling.max_workers * tc.gradient_accumulation_steps
+        # `auto`: from the data alone, the same on every rank
+        batch_tokens, pool_batches = resolve_batch_tokens(
+            tc.batch_tokens,
+            data.lengths,
+            lanes,
+            tc.epochs,
+            tc.max_batch_sentences,
+            log.info if group.rank == 0 else None,
+            steps_at=lambda tokens, pool: len(plan_at(tokens, 0, pool, lanes)[0].steps),
+        )
 
     def epoch_plan(epoch: int) -> StepPlan:  # the same global plan on every rank: (seed, epoch) only
-        plan, shards = plan_at(batch_tokens, epoch, pool_batches)
+        plan, shards = plan_at(batch_tokens, epoch, pool_batches, lanes)
         log.info("rank %d, epoch %d: %d shard(s) of its own to read", group.rank, epoch, len(shards))
         return plan
 
+    per_rank = -(-lanes // world)  # this rank's micro-batches a step
     reader = ShardReader(
-        data.train, storage_of(cfg), group.rank, lanes=accum, retry_budget_s=rc.storage_retry_seconds
+        data.train, storage_of(cfg), group.rank, lanes=per_rank, retry_budget_s=rc.storage_retry_seconds
     )
-
-    steps_per_epoch = len(epoch_plan(0).steps)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    return Plan(epoch_plan, batch_tokens, steps_per_epoch, total_steps), reader
+    whole = int(tc.epochs)
+    fraction = tc.epochs - whole
+    epoch_steps = [
+        len(plan_at(batch_tokens, e, pool_batches, lanes)[0].steps)
+        for e in range(max(1, math.ceil(tc.epochs)))
+    ]
+    planned = sum(epoch_steps[:whole]) + (math.ceil(fraction * epoch_steps[whole]) if fraction else 0)
+    total_steps = tc.max_steps or max(1, planned)
+    return Plan(epoch_plan, batch_tokens, pool_batches, lanes, epoch_steps, total_steps), reader
 
 
 def record_start(

@@ -34,6 +34,17 @@ class TrainingProgress:
     best_step: int | None = None
     best_metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
+    # per epoch trained: {"epoch", "windows" (trained on, all ranks), "world_sizes" (in order)}
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    def note_world(self, epoch: int, world: int) -> dict[str, Any]:
+        """The record of `epoch`, noting that it (now) trains with `world` workers."""
+        if not self.epochs or self.epochs[-1]["epoch"] != epoch:
+            self.epochs.append({"epoch": epoch, "windows": 0, "world_sizes": []})
+        record = self.epochs[-1]
+        if not record["world_sizes"] or record["world_sizes"][-1] != world:
+            record["world_sizes"].append(world)
+        return record
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -61,6 +61,7 @@ class Session:
     reader: ShardReader  # this rank's training shards
     flops: ModelFlops  # what a window's training FLOPs depend on
     peak: Peak  # one device's peak FLOP/s in this run's precision (rank 0's, the same on every rank)
+    plan: dict[str, Any]  # the global batch plan's inputs, kept in every checkpoint's manifest (loop.Plan)
 
 
 def open_session(
@@ -79,6 +80,7 @@ def open_session(
     progress: TrainingProgress,
     rank: int,
     notices: Notices | None,
+    plan: dict[str, Any],
 ) -> Session:
     """The run's Session: its progress view, its clock, and one device's peak FLOP/s (rank 0's, broadcast)."""
     tc = cfg.train
@@ -108,6 +110,7 @@ def open_session(
         reader,
         model_flops(engine.module),
         peak,
+        plan,
     )
 
 
@@ -187,7 +190,9 @@ def save(s: Session, progress: TrainingProgress, eval_metrics: dict[str, Any]) -
         if (s.run.workdir / "metrics.jsonl").is_file():  # what a resume from here continues
             shutil.copyfile(s.run.workdir / "metrics.jsonl", folder / "metrics.jsonl")
     best = checkpoint_name(progress.best_step) if progress.best_step is not None else None
-    s.run.commit(progress.global_step, folder, eval_metrics, {"best": best, "world": dist.world()})
+    s.run.commit(
+        progress.global_step, folder, eval_metrics, {"best": best, "world": dist.world(), "plan": s.plan}
+    )
     s.clock.saved()
     inject_fault(rank, progress.global_step, "save")
     name = checkpoint_name(progress.global_step)

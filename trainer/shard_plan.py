@@ -45,22 +45,24 @@ def plan_epoch(
     epoch: int,
     world: int,
     rank: int,
-    accum: int,
+    lanes: int,
     pool_batches: int = POOL_BATCHES,
 ) -> tuple[StepPlan, list[int]]:
     """This rank's steps of epoch `epoch` (micro-batches of global window ids) and the shards it reads.
 
     Whole shards are drawn per corpus by weight (weight 2: every shard twice; 0.5: half of them,
-    a fresh draw each epoch), shuffled, and dealt to `world * accum` lanes, each to the lane with
-    the fewest windows so far; lane `a * world + r` is micro-batch `a` of rank `r`. A lane's
-    shards go in consecutive groups of up to MIX_WINDOWS windows, each group cut into token-budget
-    batches across its shards (mixing their sentences), group after group. Ranks whose lanes run out
-    get empty micro-batches, so every rank runs the same number of steps (`pool_batches`: the
-    batches' length-sorted pools, see batching.py). A pure function of its
-    arguments: every rank computes the same plan, and one worker with accumulation `world * accum`
-    gets exactly the global batches of `world` workers.
+    a fresh draw each epoch), shuffled, and dealt to `lanes` lanes (the run's global batch: its
+    micro-batches per optimizer step, fixed when the run starts), each to the lane with the fewest
+    windows so far; lane `a * world + r` is micro-batch `a` of rank `r`, so each rank runs
+    ceil(lanes / world) micro-batches a step. A lane's shards go in consecutive groups of up to
+    MIX_WINDOWS windows, each group cut into token-budget batches across its shards (mixing their
+    sentences), group after group. Ranks whose lanes run out (or that have one lane fewer) get
+    empty micro-batches, so every rank runs the same number of steps (`pool_batches`: the batches'
+    length-sorted pools, see batching.py). A pure function of its arguments: every rank computes
+    the same plan, and the global batches depend on `lanes` alone, not on `world`: a group of any
+    size (an elastic run after a resize) trains on the same steps, each window once an epoch.
     """
-    lanes = world * accum
+    per_rank = -(-lanes // world)  # micro-batches a step on every rank
     rng = np.random.default_rng([seed, epoch, 1])
     drawn: list[int] = []
     for name, meta in sorted(prepared.manifest["corpora"].items()):
@@ -103,11 +105,11 @@ def plan_epoch(
         labelled.append(int(sum(int(lab[b[s]].sum()) for b in lane_batches if s < len(b))))
         steps.append(
             [
-                lane_batches[a * world + rank][s] if s < len(lane_batches[a * world + rank]) else []
-                for a in range(accum)
+                lane_batches[lane][s] if lane < lanes and s < len(lane_batches[lane]) else []
+                for lane in (a * world + rank for a in range(per_rank))
             ]
         )
-    mine = [shard for a in range(accum) for _, shard in lane_units[a * world + rank]]
+    mine = [shard for lane in range(rank, lanes, world) for _, shard in lane_units[lane]]
     return StepPlan(steps=steps, labelled=labelled), mine
 
 

@@ -50,6 +50,7 @@ def train_epochs(
     while not stop:
         plan = epoch_plan(epoch)
         reader.start_epoch(epoch)
+        record = progress.note_world(epoch, world)
         for i in range(progress.step_in_epoch, len(plan.steps)):
             inject_fault(group.rank, progress.global_step + 1, "step")
             t0 = time.monotonic()
@@ -70,6 +71,7 @@ def train_epochs(
             progress.step_in_epoch, progress.global_step = i + 1, progress.global_step + 1
             progress.tokens_seen += int(tokens)
             progress.windows_seen += int(windows)
+            record["windows"] += int(windows)
             progress.epoch_loss += loss
             progress.epoch_labelled += plan.labelled[i]
             progress.train_seconds += time.monotonic() - t0
