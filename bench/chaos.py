@@ -21,6 +21,10 @@ retry budget) is resubmitted with the same command, as a user or a workflow woul
               DRAIN_NODE_REASON_PREEMPTION`, what Ray's autoscaler and KubeRay do on a spot
               notice): Ray Train's preemption notice makes the loop checkpoint at once; at the
               deadline the node is SIGKILLed and a new one joins; Ray restarts the group there
+    lost      (with --elastic: scaling.num_workers=[1,2], a worker slot on each of two nodes) the
+              second node SIGKILLed and not replaced: the group goes on with one worker
+    returned  (with --elastic) the second node SIGKILLed, a new one joins 10 s later: the group
+              shrinks to one worker, then grows back to two (Ray Train's resize check)
 
 For every run it prints: fault, when, recovered (the run finished with results), attempts,
 steps redone (optimizer steps trained more than once), and whether the per-step training
@@ -31,6 +35,12 @@ losses to 1e-5, see below). The record goes to bench/out/chaos-<stamp>.json.
     python bench/chaos.py --only step,s3   # some kinds
     python bench/chaos.py --repeat 5       # the whole table 5 times
     python bench/chaos.py --drain          # also 2 node drains (workers on a node of their own)
+    python bench/chaos.py --elastic        # an elastic [1, 2] run: a node lost, a node lost and returned
+
+Elastic runs are compared with their own clean run (two workers throughout): a group of another
+size sums the same gradients in another order, so the losses agree to about 1e-5 rather than bit
+for bit; the table gives the F1 difference, the time lost against the clean run, and the resize
+time (from the node's loss to the first step at the new size, from metrics.jsonl's stamps).
 
 Why equal: every rank restores its RNG state, the data plan is a function of (seed, epoch), and
 a resumed step sees the same weights, optimizer state and batches; the all-reduce sums in the
@@ -56,7 +66,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.ray_cluster import RayCluster  # noqa: E402
+from tests.ray_cluster import FAST_FAILURE_DETECTION, RayCluster  # noqa: E402
 from tests.s3_server import S3TestServer, find_weed, minio_server, seaweedfs_server  # noqa: E402
 
 RUN = [
@@ -71,7 +81,6 @@ RUN = [
     "train.log_every=1",
     "run.stop_grace_seconds=40",
 ]
-STEPS = 18
 
 
 @dataclass
@@ -104,6 +113,24 @@ FAULTS = [
     Fault("driver", "driver SIGKILLed once step 5 is logged", at_step=5),
     Fault("driver", "driver SIGKILLed once step 13 is logged", at_step=13),
 ]
+ELASTIC_RUN = [
+    *[o for o in RUN if not o.startswith(("scaling.num_workers=", "train.max_steps=", "train.eval_every="))],
+    "scaling.num_workers=[1,2]",
+    "scaling.worker_resources={raytag_slot: 1}",  # one worker per node
+    "scaling.elastic_resize_interval_s=5",
+    "train.max_steps=90",  # long enough for a node to be lost, return and be seen (Ray refreshes every 20 s)
+    "train.eval_every=30",
+    "train.precision=fp32",
+]
+ELASTIC_FAULTS = [
+    Fault("lost", "second node SIGKILLed once step 6 is logged; not replaced", at_step=6),
+    Fault(
+        "returned",
+        "second node SIGKILLed once step 6 is logged; a new one joins 10 s later",
+        at_step=6,
+        outage_s=10,
+    ),
+]
 DRAIN_RESOURCE = "chaos_drain"  # only the drainable worker node has it
 DRAINS = [
     Fault(
@@ -132,10 +159,13 @@ class Outcome:
     seconds: float
     statuses: list[str]
     note: str = ""
+    f1_diff: float | None = None  # validation F1 against the clean run
+    seconds_lost: float | None = None  # against the clean run
+    resize_s: list[float] = field(default_factory=list)  # node lost -> first step at the new size
 
 
 class Bench:
-    def __init__(self, root: Path, drain: bool = False) -> None:
+    def __init__(self, root: Path, drain: bool = False, elastic: bool = False) -> None:
         self.root = root
         weed, minio = find_weed(), shutil.which("minio")
         key, secret = "raytagchaos", f"chaos-{uuid.uuid4().hex}"
@@ -149,8 +179,15 @@ class Bench:
         self._s3_lock = threading.Lock()
         self.bucket = self.s3.make_bucket("chaos")
         env = {**self.s3.aws_env(), "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false"}
+        if (
+            elastic
+        ):  # a lost node seen in ~4 s; a group placed on a node not yet seen gone: given up after 20 s
+            env.update({**FAST_FAILURE_DETECTION, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"})
+        self.elastic = elastic
         self.cluster = RayCluster(env=env)
         self.cluster.start_head(num_cpus=2)
+        self.second = self.cluster.add_node(num_cpus=2).index if elastic else None
+        self.killed_at: float | None = None  # wall-clock time of the last node kill
         self.drain_node = (
             self.cluster.add_node(num_cpus=2, resources={DRAIN_RESOURCE: 2}).index if drain else None
         )
@@ -187,7 +224,11 @@ class Bench:
     # -- jobs
 
     def submit(self, name: str, fault: Fault | None, marker: Path) -> str:
-        overrides = [f"run.storage=s3://{self.bucket}/runs", f"run.name={name}", *RUN]
+        overrides = [
+            f"run.storage=s3://{self.bucket}/runs",
+            f"run.name={name}",
+            *(ELASTIC_RUN if self.elastic else RUN),
+        ]
         overrides += fault.overrides if fault else []
         env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": "60", "RAY_DEDUP_LOGS": "0"}
         if fault and fault.inject:
@@ -244,6 +285,13 @@ class Bench:
     # -- one run
 
     def run(self, name: str, fault: Fault | None) -> tuple[Outcome, list[dict], dict | None]:
+        if self.elastic and self.cluster.nodes[self.second].killed:
+            self.second = self.cluster.add_node(num_cpus=2).index  # every run starts on two nodes
+        steps = int(
+            next(
+                o for o in reversed(ELASTIC_RUN if self.elastic else RUN) if o.startswith("train.max_steps=")
+            ).split("=")[1]
+        )
         t0 = time.monotonic()
         marker = self.root / f"marker-{name}"
         statuses: list[str] = []
@@ -266,21 +314,21 @@ class Bench:
         results_raw = self.get(f"runs/{name}/results.json")
         results = json.loads(results_raw) if results_raw else None
         recs = self.records(name)
-        trained = sum(len(re.findall(rf"\bstep (\d+)/{STEPS} loss", text)) for text in logs)
+        trained = sum(len(re.findall(rf"\bstep (\d+)/{steps} loss", text)) for text in logs)
         # A killed driver takes the workers' last log lines with it: count from the metrics too
         # (the steps logged before the fault, less the step the next attempt resumed from).
         resumed = [
             int(m) for text in logs[1:] for m in re.findall(r"resumed from checkpoint step-(\d+)", text)
         ]
         if failed_at is not None and resumed:
-            trained = max(trained, STEPS + failed_at - resumed[0])
+            trained = max(trained, steps + failed_at - resumed[0])
         out = Outcome(
             kind=fault.kind if fault else "none",
             when=fault.when if fault else "clean run",
-            recovered=results is not None and results.get("global_steps") == STEPS,
+            recovered=results is not None and results.get("global_steps") == steps,
             attempts=attempts,
             steps_trained=trained,
-            steps_redone=max(0, trained - STEPS),
+            steps_redone=max(0, trained - steps),
             val_f1=(results or {}).get("validation", {}).get("f1"),
             test_f1=(results or {}).get("test", {}).get("f1"),
             equal=False,
@@ -289,6 +337,8 @@ class Bench:
             statuses=statuses,
             note=note,
         )
+        if fault is not None and fault.kind in ("lost", "returned") and self.killed_at is not None:
+            out.resize_s = resize_seconds(recs, self.killed_at)
         if fault is not None and fault.inject and not marker.exists():
             out.note = "the fault was never injected"
         if results is None:
@@ -313,6 +363,16 @@ class Bench:
             return f"stopped at logged step {step}"
         if fault.kind == "drain":
             return self.drain(name, job, fault, step)
+        if fault.kind in ("lost", "returned"):
+            self.cluster.kill_node(self.second)
+            self.killed_at = time.time()
+            if fault.kind == "returned":
+
+                def back() -> None:
+                    self.second = self.cluster.add_node(num_cpus=2).index
+
+                threading.Timer(fault.outage_s, back).start()
+            return f"second node killed at logged step {step}"
         pid = self.driver_pid(job)
         if pid is None:
             return "no driver pid"
@@ -364,6 +424,24 @@ class Bench:
                 self.s3.start()
 
 
+def resize_seconds(recs: list[dict], killed_at: float) -> list[float]:
+    """For each resize after the node was lost: seconds from the loss to the first step at the new size."""
+    out = []
+    for r in recs:
+        if r.get("type") == "resize":
+            first = next(
+                (
+                    t
+                    for t in recs
+                    if t.get("type") == "train" and t["step"] > r["step"] and t["time"] > killed_at
+                ),
+                None,
+            )
+            if first is not None:
+                out.append(round(first["time"] - killed_at, 1))
+    return out
+
+
 def compare(
     out: Outcome, recs: list[dict], clean_recs: list[dict], clean: dict | None, results: dict | None
 ) -> None:
@@ -378,6 +456,7 @@ def compare(
         return
     diff = max(abs(a[s] - b[s]) / max(1e-12, abs(b[s])) for s in b)
     out.max_loss_diff = diff
+    out.f1_diff = round(results["validation"]["f1"] - clean["validation"]["f1"], 4)
     out.equal = (
         diff <= 1e-5
         and results["validation"]["f1"] == clean["validation"]["f1"]
@@ -386,7 +465,10 @@ def compare(
 
 
 def table(rows: list[Outcome]) -> str:
-    head = f"{'fault':8} {'when':58} {'recovered':9} {'attempts':8} {'redone':6} {'val F1':8} {'test F1':8} {'equal':5} {'max rel loss diff':17} {'s':>6}"
+    head = (
+        f"{'fault':8} {'when':58} {'recovered':9} {'attempts':8} {'redone':6} {'val F1':8} {'test F1':8} "
+        f"{'equal':5} {'max rel loss diff':17} {'s':>6} {'F1 diff':>8} {'s lost':>6} {'resize s':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         f1 = f"{r.val_f1:.4f}" if r.val_f1 is not None else "-"
@@ -394,7 +476,10 @@ def table(rows: list[Outcome]) -> str:
         d = f"{r.max_loss_diff:.1e}" if r.max_loss_diff is not None else "-"
         lines.append(
             f"{r.kind:8} {r.when[:58]:58} {'yes' if r.recovered else 'NO':9} {r.attempts:<8} {r.steps_redone:<6} "
-            f"{f1:8} {t1:8} {'yes' if r.equal else 'NO':5} {d:17} {r.seconds:6.0f}"
+            f"{f1:8} {t1:8} {'yes' if r.equal else 'NO':5} {d:17} {r.seconds:6.0f} "
+            f"{'-' if r.f1_diff is None else f'{r.f1_diff:+.4f}':>8} "
+            f"{'-' if r.seconds_lost is None else f'{r.seconds_lost:.0f}':>6} "
+            f"{','.join(f'{x:.0f}' for x in r.resize_s) or '-':>9}"
         )
     return "\n".join(lines)
 
@@ -404,19 +489,23 @@ def main() -> int:
     p.add_argument("--only", help="comma-separated kinds (step,eval,save,sigterm,s3,driver)")
     p.add_argument("--repeat", type=int, default=1, help="run the whole table this many times")
     p.add_argument("--drain", action="store_true", help="also drain the workers' node (a second node)")
+    p.add_argument(
+        "--elastic",
+        action="store_true",
+        help="an elastic [1, 2] run on two nodes: a node lost, lost and returned",
+    )
     args = p.parse_args()
     import logging
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # not a line per job about the working dir's upload
-    faults = [
-        f for f in FAULTS + (DRAINS if args.drain else []) if not args.only or f.kind in args.only.split(",")
-    ]
+    kinds = ELASTIC_FAULTS if args.elastic else FAULTS + (DRAINS if args.drain else [])
+    faults = [f for f in kinds if not args.only or f.kind in args.only.split(",")]
     out_dir = ROOT / "bench" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = Path(tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))
-    bench = Bench(root, drain=args.drain)
-    record: dict = {"stamp": stamp, "config": RUN, "rounds": []}
+    bench = Bench(root, drain=args.drain, elastic=args.elastic)
+    record: dict = {"stamp": stamp, "config": ELASTIC_RUN if args.elastic else RUN, "rounds": []}
     ok = True
     try:
         for rnd in range(args.repeat):
@@ -430,6 +519,7 @@ def main() -> int:
             for i, fault in enumerate(faults):
                 out, recs, results = bench.run(f"{fault.kind}-{i}-{rnd}", fault)
                 compare(out, recs, clean_recs, clean, results)
+                out.seconds_lost = round(out.seconds - clean_out.seconds, 1)
                 rows.append(out)
                 print(
                     f"{fault.kind:8} {fault.when}: recovered {out.recovered}, equal {out.equal}, redone "
@@ -441,7 +531,15 @@ def main() -> int:
             (out_dir / f"chaos-{stamp}.json").write_text(
                 json.dumps(record, indent=1)
             )  # each round as it ends
-            ok = ok and all(r.recovered and r.equal for r in rows)
+            if args.elastic:  # another group size sums in another order: F1 within 0.02, losses to 1e-4
+                ok = ok and all(
+                    r.recovered
+                    and (r.f1_diff is None or abs(r.f1_diff) < 0.02)
+                    and (r.max_loss_diff is None or r.max_loss_diff < 1e-4)
+                    for r in rows
+                )
+            else:
+                ok = ok and all(r.recovered and r.equal for r in rows)
     finally:
         bench.close()
         path = out_dir / f"chaos-{stamp}.json"

@@ -456,10 +456,14 @@ def launch(cfg: Config) -> dict[str, Any] | None:
         storage_path,
     )
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from raytag.trainer.stopping import on_sigterm
 
-    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    # On the driver's node: a flag on a worker node dies with that node (a spot node lost), and
+    # every rank's next notice poll with it, where the run should just go on without the node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    flag = ray.remote(num_cpus=0)(StopFlag).options(scheduling_strategy=here).remote()
     trainer = _trainer_class()(
         _train_worker,
         train_loop_config={

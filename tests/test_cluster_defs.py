@@ -161,6 +161,10 @@ def test_aws_has_an_autoscaling_gpu_worker_type():
     assert gpu["node_config"]["InstanceType"] == "g5.12xlarge"
     assert gpu["resources"]["GPU"] == 4  # g5.12xlarge: 4x A10G
     assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"]
+    spot = types["gpu_spot_workers"]  # an elastic run's spot nodes
+    assert spot["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert spot["min_workers"] == 0 < spot["max_workers"]
+    assert gpu["max_workers"] + spot["max_workers"] <= config["max_workers"]
     assert config["provider"]["type"] == "aws"
     assert config["provider"]["cache_stopped_nodes"] is False
 
@@ -246,9 +250,13 @@ def test_rayjob_gpu_workers_ask_for_gpus():
     assert group["replicas"] >= 1
     for container in group["template"]["spec"]["containers"]:
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, container["name"]
-    # One Ray Train worker per GPU pod.
+    # One Ray Train worker per GPU pod: an elastic range from the on-demand pods to all of them.
+    spot = groups["gpu-spot-workers"]
+    assert spot["minReplicas"] == 0 < spot["maxReplicas"]
+    assert spot["template"]["spec"]["nodeSelector"]
+    assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
     entrypoint = job["spec"]["entrypoint"]
-    assert f"scaling.num_workers={group['replicas']}" in entrypoint
+    assert f"'scaling.num_workers=[{group['replicas']},{group['replicas'] + spot['maxReplicas']}]'" in entrypoint
 
 
 def test_rayjob_head_takes_no_tasks():
@@ -267,7 +275,7 @@ def test_rayjob_runs_the_raytag_image_of_the_installed_ray():
     job = _load(RAYJOB_YAML)
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
     containers = _ray_containers(job)
-    assert set(containers) == {"head", "gpu-workers"}, containers
+    assert set(containers) == {"head", "gpu-workers", "gpu-spot-workers"}, containers
     for group, group_containers in containers.items():
         for container in group_containers:
             assert container["image"] == _documented_image(), (group, container["image"])
@@ -481,4 +489,4 @@ def test_definitions_run_the_image_the_dockerfile_documents():
     assert name.endswith("/raytag") and tag == importlib.metadata.version("raytag"), image
     used = [_load(AWS_YAML)["docker"]["image"]]
     used += [c["image"] for cs in _ray_containers(_load(RAYJOB_YAML)).values() for c in cs]
-    assert used == [image] * 3, used
+    assert used == [image] * 4, used

@@ -334,3 +334,56 @@ def test_english_and_spanish_with_weights_evaluated_per_language(tmp_path, block
     for name in ("validation", "en", "es", "test"):
         assert f"| {name} |" in table, table
     assert "train (es, weight 0.5)" in card
+
+
+@pytest.mark.slow
+def test_the_schedule_counts_the_steps_each_epoch_really_has(tmp_path, blocks):
+    """A corpus drawn at weight 0.5 gives each epoch its own shards, so epochs differ in steps:
+    the run ends exactly at the end of its last epoch (not epochs x the first epoch's steps, which
+    cut the last epoch short or spilled into one more), each epoch's windows trained on once."""
+    en = write(tmp_path / "en.conll", blocks[:120])
+    es = write(tmp_path / "es.conll", blocks[120:400])
+    res = train(
+        tmp_path,
+        "epochs",
+        f"data.train={{en: {{path: {en}, weight: 1.0}}, es: {{path: {es}, weight: 0.5}}}}",
+        "data.max_eval_samples=16",
+        "data.test=null",
+        "train.epochs=3",
+        "train.batch_tokens=384",
+    )
+    epochs = res["train_data"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2] and res["epochs"] == 3.0
+    assert len({e["windows"] for e in epochs}) > 1  # the epochs really differ
+    steps = json.loads(
+        (
+            tmp_path / "epochs" / "checkpoints" / f"step-{res['global_steps']:08d}" / "progress.json"
+        ).read_text()
+    )
+    assert steps["epoch"] == 3 and steps["step_in_epoch"] == 0
+
+
+def test_a_resumed_run_keeps_its_plan_whatever_the_new_epochs(tmp_path):
+    """`batch_tokens: auto` depends on train.epochs, which a resume may raise: the checkpoint's plan
+    (budget, pools, lanes) is used, so the saved position means the same windows."""
+    from raytag.cluster.run import SoloGroup
+    from raytag.trainer.config import load_config
+    from raytag.trainer.loop import plan_run
+    from raytag.trainer.run_data import load_data
+    from tests.helpers import DEMO
+
+    cfg = load_config(
+        DEMO,
+        [
+            f"run.storage={tmp_path}",
+            "train.batch_tokens=auto",
+            "train.epochs=7",
+            "data.max_train_samples=300",
+        ],
+    )
+    data = load_data(cfg)
+    fresh, _ = plan_run(cfg, data, SoloGroup(), None)
+    stored = {"batch_tokens": fresh.batch_tokens + 96, "pool_batches": 3, "lanes": 2}
+    resumed, _ = plan_run(cfg, data, SoloGroup(), stored)
+    assert resumed.record == stored and resumed.record != fresh.record
+    assert len(resumed.epoch(0).steps[0]) == 2  # one rank runs both lanes of each step
