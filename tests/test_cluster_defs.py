@@ -256,7 +256,9 @@ def test_rayjob_gpu_workers_ask_for_gpus():
     assert spot["template"]["spec"]["nodeSelector"]
     assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
     entrypoint = job["spec"]["entrypoint"]
-    assert f"'scaling.num_workers=[{group['replicas']},{group['replicas'] + spot['maxReplicas']}]'" in entrypoint
+    assert (
+        f"'scaling.num_workers=[{group['replicas']},{group['replicas'] + spot['maxReplicas']}]'" in entrypoint
+    )
 
 
 def test_rayjob_head_takes_no_tasks():
