@@ -263,11 +263,7 @@ class CheckpointStore:
         self.prefix = join_key(run_prefix, CHECKPOINTS)
         self.keep_best = keep_best
         self.metric = metric
-        self._retry = (
-            RetryPolicy.for_seconds(retry_budget_s, backoff_s, max_backoff_s)
-            if retry_budget_s is not None
-            else RetryPolicy(retries, backoff_s, max_backoff_s)
-        )
+        self._retry = RetryPolicy.of(retry_budget_s, retries, backoff_s, max_backoff_s)
         self._log = log
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="raytag-ckpt")
         self._uploads = ThreadPoolExecutor(max(1, max_workers), thread_name_prefix="raytag-ckpt-file")

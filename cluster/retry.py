@@ -58,6 +58,15 @@ class RetryPolicy:
         """Retry a transient failure for up to `budget_s` seconds, however many tries that takes."""
         return cls(retries=1 << 30, backoff_s=backoff_s, max_backoff_s=max_backoff_s, budget_s=budget_s)
 
+    @classmethod
+    def of(
+        cls, budget_s: float | None, retries: int, backoff_s: float = 0.5, max_backoff_s: float = 8.0
+    ) -> RetryPolicy:
+        """A budget in seconds when one is given (run.storage_retry_seconds), else `retries` tries."""
+        if budget_s is not None:
+            return cls.for_seconds(budget_s, backoff_s, max_backoff_s)
+        return cls(retries, backoff_s, max_backoff_s)
+
 
 def with_retries(
     fn: Callable[[], T],

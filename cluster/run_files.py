@@ -47,11 +47,7 @@ class RunFiles:
     ) -> None:
         self.storage = storage
         self.prefix = run_prefix.strip("/")
-        self._retry = (
-            RetryPolicy.for_seconds(retry_budget_s, backoff_s, max_backoff_s)
-            if retry_budget_s is not None
-            else RetryPolicy(retries, backoff_s, max_backoff_s)
-        )
+        self._retry = RetryPolicy.of(retry_budget_s, retries, backoff_s, max_backoff_s)
         self._log = log
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="raytag-runfiles")
         self._lock = threading.Lock()
