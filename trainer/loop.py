@@ -127,18 +127,7 @@ def train_loop(
                 progress.global_step if resumed_from else None,
                 tensorboard=rc.tensorboard,
             )
-            record_start(cfg, run, metrics, data, plan, spec, attention, world, resumed_from)
-            before = int(resumed.meta.get("world") or world) if resumed is not None else world
-            if before != world:  # the group's size changed since the checkpoint (an elastic resize)
-                metrics.write(
-                    {
-                        "type": "resize",
-                        "step": progress.global_step,
-                        "from": before,
-                        "to": world,
-                        "why": f"resumed from {resumed_from} with {world} worker(s); it was saved by {before}",
-                    }
-                )
+            record_start(cfg, run, metrics, data, plan, spec, attention, world, resumed, progress.global_step)
         s = open_session(
             cfg,
             run,
@@ -305,12 +294,18 @@ def record_start(
     spec: EngineSpec,
     attention: str,
     world: int,
-    resumed_from: str | None,
+    resumed: Any,
+    step: int,
 ) -> None:
-    """Rank 0: the run's config and labels written and published, and the run described in one log line."""
+    """Rank 0: the run's config and labels written and published, the run described in one log line,
+    and a `resize` record when the group's size changed since checkpoint `resumed` (at `step`)."""
     rc = cfg.run
-    if resumed_from:
+    if resumed is not None:
         publish_metrics(run, metrics)  # the bucket's copy may lag the checkpoint's (a failed upload)
+        before = int(resumed.meta.get("world") or world)
+        if before != world:  # an elastic group resized (or a rerun with another scaling.num_workers)
+            why = f"resumed from {resumed.name} with {world} worker(s); it was saved by {before}"
+            metrics.write({"type": "resize", "step": step, "from": before, "to": world, "why": why})
     (run.workdir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     write_json(run.workdir / "labels.json", data.labels)
     run.publish("config.yaml")
