@@ -57,49 +57,15 @@ from .checkpoints import (
 )
 from .digest import sha256_bytes, sha256_file
 from .keys import join_key
+from .parts import PARTS, UPLOADED, WRITTEN, Part, needed_by, owned_by
 from .run_files import RunFiles
 from .runlock import LOCK, RunLock, RunLockedError
 from .secrets import redact
 from .storage import Storage, StorageError
 
-PARTS = ".parts"
-_RANKED = re.compile(r"(?:zero_pp_rank_|rng-rank)(\d+)")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_WRITTEN = ".raytag-written-rank"
-_UPLOADED = ".raytag-uploaded-rank"
 
 Log = Callable[[str], Any]
-
-
-@dataclass(frozen=True)
-class Part:
-    """One rank's part of a checkpoint: what it wrote, as recorded on its node (`.raytag-written-rankN`)."""
-
-    rank: int
-    world: int
-    step: int
-    files: list[str]  # relative paths of the rank's own files in the checkpoint folder
-    metrics: dict[str, Any]
-    meta: dict[str, Any]
-    attempt: str  # the worker group that wrote it (RunStore.attempt)
-
-    def marker(self) -> str:
-        return json.dumps(
-            {k: getattr(self, k) for k in ("rank", "world", "step", "files", "metrics", "meta", "attempt")}
-        )
-
-    @classmethod
-    def from_marker(cls, text: str) -> Part:
-        doc = json.loads(text)
-        return cls(
-            int(doc["rank"]),
-            int(doc["world"]),
-            int(doc["step"]),
-            list(doc["files"]),
-            doc["metrics"],
-            doc["meta"],
-            str(doc.get("attempt", "")),
-        )
 
 
 class Group(Protocol):
@@ -138,24 +104,6 @@ class SoloGroup:
     def agree(self, error: BaseException | None) -> None:
         if error is not None:
             raise error
-
-
-def file_rank(rel: str) -> int | None:
-    """The rank a checkpoint file belongs to (from its name), or None for a shared file (rank 0's)."""
-    m = _RANKED.search(rel.rsplit("/", 1)[-1])
-    return int(m.group(1)) if m else None
-
-
-def owned_by(rel: str, rank: int) -> bool:
-    """True when rank `rank` wrote `rel` (rank 0 writes the shared files)."""
-    owner = file_rank(rel)
-    return (owner if owner is not None else 0) == rank
-
-
-def needed_by(rel: str, rank: int) -> bool:
-    """True when rank `rank` reads `rel` to resume: its own files and the shared ones."""
-    owner = file_rank(rel)
-    return owner is None or owner == rank
 
 
 def wipe_run(storage: Storage, name: str) -> None:
@@ -378,7 +326,7 @@ class RunStore:
             return
         own = [p for p in local_files(folder) if owned_by(p, rank) and not p.startswith(".raytag-")]
         part = Part(rank, world, step, own, metrics, meta, self.attempt)
-        (folder / f"{_WRITTEN}{rank}").write_text(part.marker())
+        (folder / f"{WRITTEN}{rank}").write_text(part.marker())
         future = self._parts.submit(self._commit_part, folder, part)
         with self._pending_lock:
             self._pending.append(future)
@@ -428,7 +376,7 @@ class RunStore:
             ),
             f"writing part {part.rank} of {name}",
         )
-        (folder / f"{_UPLOADED}{part.rank}").write_text("")
+        (folder / f"{UPLOADED}{part.rank}").write_text("")
 
     def _parts_of(self, name: str, attempt: str | None = None) -> dict[int, dict[str, Any]]:
         """The part markers of checkpoint `name` in storage, by rank; with `attempt`, that attempt's only
@@ -489,12 +437,12 @@ class RunStore:
         for _step, folder in self._staged():
             if folder.name in complete:
                 continue
-            for marker in sorted(folder.glob(f"{_WRITTEN}*")):
+            for marker in sorted(folder.glob(f"{WRITTEN}*")):
                 try:
                     part = Part.from_marker(marker.read_text())
                 except (OSError, ValueError, KeyError, TypeError):
                     continue  # a marker cut off mid-write: that part is not on this disk
-                if (folder / f"{_UPLOADED}{part.rank}").exists():
+                if (folder / f"{UPLOADED}{part.rank}").exists():
                     continue
                 if not all((folder / p).is_file() for p in part.files):
                     continue
@@ -525,8 +473,8 @@ class RunStore:
         """Delete staged checkpoints older than the newest one whose local parts are all uploaded."""
         settled = []
         for step, folder in self._staged():
-            written = {m.name[len(_WRITTEN) :] for m in folder.glob(f"{_WRITTEN}*")}
-            uploaded = {m.name[len(_UPLOADED) :] for m in folder.glob(f"{_UPLOADED}*")}
+            written = {m.name[len(WRITTEN) :] for m in folder.glob(f"{WRITTEN}*")}
+            uploaded = {m.name[len(UPLOADED) :] for m in folder.glob(f"{UPLOADED}*")}
             if written and written <= uploaded:
                 settled.append((step, folder))
         if not settled:
@@ -534,8 +482,8 @@ class RunStore:
         newest = settled[-1][0]
         for step, folder in self._staged():
             if step < newest:
-                written = {m.name[len(_WRITTEN) :] for m in folder.glob(f"{_WRITTEN}*")}
-                uploaded = {m.name[len(_UPLOADED) :] for m in folder.glob(f"{_UPLOADED}*")}
+                written = {m.name[len(WRITTEN) :] for m in folder.glob(f"{WRITTEN}*")}
+                uploaded = {m.name[len(UPLOADED) :] for m in folder.glob(f"{UPLOADED}*")}
                 if written <= uploaded:  # nothing of it still uploading (or a fetched copy)
                     shutil.rmtree(folder, ignore_errors=True)
 

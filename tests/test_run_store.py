@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from raytag.cluster.local_storage import LocalStorage
-from raytag.cluster.run import RunStore, file_rank, needed_by, owned_by, staging_folder
+from raytag.cluster.parts import file_rank, needed_by, owned_by
+from raytag.cluster.run import RunStore, staging_folder
 from raytag.cluster.storage import StorageError
 from tests.test_storage import Wrapped
 
