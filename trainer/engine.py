@@ -278,6 +278,20 @@ def end_local_process_group() -> None:
     _ENV_SET_HERE.clear()
 
 
+def undo_process_wide_patches() -> None:
+    """Put back what a ZeRO-3 engine replaced for the whole process: DeepSpeed swaps
+    `torch.nn.functional.linear` for its memory-efficient version "until manually reset". A run
+    ends with this, so the next run in the same process (a sweep trial, a test) computes as a
+    fresh process does: with it left in place, a later bf16 run's losses moved by 1e-3."""
+    import sys
+
+    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    patched = getattr(module, "InsertPostInitMethodToModuleSubClasses", None) if module else None
+    original = getattr(patched, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def _skip_cpu_shm_build() -> None:
     """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU.
 

@@ -39,6 +39,7 @@ from .engine import (
     engine_spec,
     fit_embedding_updates,
     rank_device,
+    undo_process_wide_patches,
 )
 from .finish import finish_run
 from .model import load_model
@@ -159,6 +160,7 @@ def train_loop(
         if metrics is not None:
             metrics.close()
         run.close(success)
+        undo_process_wide_patches()
         if own_group:
             end_local_process_group()
 
