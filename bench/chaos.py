@@ -23,8 +23,9 @@ retry budget) is resubmitted with the same command, as a user or a workflow woul
               deadline the node is SIGKILLed and a new one joins; Ray restarts the group there
     lost      (with --elastic: scaling.num_workers=[1,2], a worker slot on each of two nodes) the
               second node SIGKILLed and not replaced: the group goes on with one worker
-    returned  (with --elastic) the second node SIGKILLed, a new one joins 10 s later: the group
-              shrinks to one worker, then grows back to two (Ray Train's resize check)
+    returned  (with --elastic) the second node SIGKILLed, a new one joins 45 s later: the group
+              shrinks to one worker, then grows back to two (Ray Train's resize check; a node back
+              before Ray has noticed the loss and restarted, ~30 s here, meets a group restarted at two)
 
 For every run it prints: fault, when, recovered (the run finished with results), attempts,
 steps redone (optimizer steps trained more than once), and whether the per-step training
@@ -54,6 +55,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -116,7 +118,7 @@ FAULTS = [
 ELASTIC_RUN = [
     *[o for o in RUN if not o.startswith(("scaling.num_workers=", "train.max_steps=", "train.eval_every="))],
     "scaling.num_workers=[1,2]",
-    "scaling.worker_resources={raytag_slot: 1}",  # one worker per node
+    "scaling.worker_resources.raytag_slot=1",  # one worker per node
     "scaling.elastic_resize_interval_s=5",
     "train.max_steps=90",  # long enough for a node to be lost, return and be seen (Ray refreshes every 20 s)
     "train.eval_every=30",
@@ -126,9 +128,9 @@ ELASTIC_FAULTS = [
     Fault("lost", "second node SIGKILLed once step 6 is logged; not replaced", at_step=6),
     Fault(
         "returned",
-        "second node SIGKILLed once step 6 is logged; a new one joins 10 s later",
+        "second node SIGKILLed once step 6 is logged; a new one joins 45 s later",
         at_step=6,
-        outage_s=10,
+        outage_s=45,
     ),
 ]
 DRAIN_RESOURCE = "chaos_drain"  # only the drainable worker node has it
@@ -156,6 +158,7 @@ class Outcome:
     test_f1: float | None
     equal: bool
     max_loss_diff: float | None
+    worst_step: int | None
     seconds: float
     statuses: list[str]
     note: str = ""
@@ -233,7 +236,7 @@ class Bench:
         env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": "60", "RAY_DEDUP_LOGS": "0"}
         if fault and fault.inject:
             env_vars["RAYTAG_FAULT_INJECT"] = fault.inject.format(marker=marker)
-        entry = "python trainer/main.py --config configs/demo.yaml " + " ".join(overrides)
+        entry = "python trainer/main.py --config configs/demo.yaml " + " ".join(map(shlex.quote, overrides))
         return self.jobs.submit_job(
             entrypoint=entry,
             runtime_env={"working_dir": str(ROOT), "env_vars": env_vars},
@@ -333,6 +336,7 @@ class Bench:
             test_f1=(results or {}).get("test", {}).get("f1"),
             equal=False,
             max_loss_diff=None,
+            worst_step=None,
             seconds=round(time.monotonic() - t0, 1),
             statuses=statuses,
             note=note,
@@ -454,7 +458,9 @@ def compare(
         if results is not None and sorted(a) != sorted(b):
             out.note += f" steps logged {sorted(a)[:3]}..{len(a)} vs {len(b)}"
         return
-    diff = max(abs(a[s] - b[s]) / max(1e-12, abs(b[s])) for s in b)
+    rel = {s: abs(a[s] - b[s]) / max(1e-12, abs(b[s])) for s in b}
+    out.worst_step = max(rel, key=rel.__getitem__)
+    diff = rel[out.worst_step]
     out.max_loss_diff = diff
     out.f1_diff = round(results["validation"]["f1"] - clean["validation"]["f1"], 4)
     out.equal = (
@@ -467,16 +473,16 @@ def compare(
 def table(rows: list[Outcome]) -> str:
     head = (
         f"{'fault':8} {'when':58} {'recovered':9} {'attempts':8} {'redone':6} {'val F1':8} {'test F1':8} "
-        f"{'equal':5} {'max rel loss diff':17} {'s':>6} {'F1 diff':>8} {'s lost':>6} {'resize s':>9}"
+        f"{'equal':5} {'max rel loss diff (at)':24} {'s':>6} {'F1 diff':>8} {'s lost':>6} {'resize s':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         f1 = f"{r.val_f1:.4f}" if r.val_f1 is not None else "-"
         t1 = f"{r.test_f1:.4f}" if r.test_f1 is not None else "-"
-        d = f"{r.max_loss_diff:.1e}" if r.max_loss_diff is not None else "-"
+        d = f"{r.max_loss_diff:.1e} (step {r.worst_step})" if r.max_loss_diff is not None else "-"
         lines.append(
             f"{r.kind:8} {r.when[:58]:58} {'yes' if r.recovered else 'NO':9} {r.attempts:<8} {r.steps_redone:<6} "
-            f"{f1:8} {t1:8} {'yes' if r.equal else 'NO':5} {d:17} {r.seconds:6.0f} "
+            f"{f1:8} {t1:8} {'yes' if r.equal else 'NO':5} {d:24} {r.seconds:6.0f} "
             f"{'-' if r.f1_diff is None else f'{r.f1_diff:+.4f}':>8} "
             f"{'-' if r.seconds_lost is None else f'{r.seconds_lost:.0f}':>6} "
             f"{','.join(f'{x:.0f}' for x in r.resize_s) or '-':>9}"
