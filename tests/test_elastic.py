@@ -57,13 +57,16 @@ def train(world: int, storage: Path, name: str, *overrides: str) -> None:
     torch.multiprocessing.spawn(_rank, args=args, nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "0-sparse"])
 def test_a_group_that_shrinks_and_grows_follows_the_fixed_size_run(tmp_path, monkeypatch, stage):
     """Steps 1-2 on 2 workers, 3-4 on 1, 5-6 on 2 again, each stage resumed from the last one's
     checkpoint (ZeRO state re-partitioned), give the losses of the same run at one size throughout;
     every window of each epoch is trained on once, and the resizes are recorded."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    common = [*SMALL, f"train.deepspeed={{zero_optimization: {{stage: {stage}}}}}"]
+    if stage == "0-sparse":  # ZeRO-0 state as it is, with the row-sparse embedding optimizer's
+        common = [*SMALL, "train.zero_stage=0", "train.embedding_updates=sparse"]
+    else:
+        common = [*SMALL, f"train.deepspeed={{zero_optimization: {{stage: {stage}}}}}"]
     # The fixed-size run: one worker over the same 2 lanes a step (the global batches of 2 workers:
     # test_shards, test_ray), stopped where the elastic run resizes, as it is.
     fixed, elastic = tmp_path / "fixed", tmp_path / "elastic"
