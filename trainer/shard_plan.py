@@ -170,7 +170,7 @@ class ShardReader:
         while self.loaded and sum(len(w) for w in self.loaded.values()) + need > self.keep_windows:
             self.loaded.popitem(last=False)
         meta = self.prepared.manifest["shards"][k]
-        log.info("rank %d reads shard %d (%s, %d windows)", self.rank, k, meta["corpus"], meta["windows"])
+        log.debug("rank %d reads shard %d (%s, %d windows)", self.rank, k, meta["corpus"], meta["windows"])
         self.opened.append((self.epoch, k))
         windows: list[Window] = []
         fp = self.prepared.fingerprint
