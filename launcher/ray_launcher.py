@@ -450,7 +450,7 @@ def launch(cfg: Config) -> dict[str, Any] | None:
     )
     log.info(
         "Ray Train: %s worker(s), %s per worker, run %r, Ray state in %s/ray",
-        f"{sc.min_workers} to {sc.max_workers} (elastic)" if sc.elastic else sc.num_workers,
+        sc.workers,
         resources,
         cfg.run.name,
         storage_path,

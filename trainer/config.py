@@ -224,6 +224,13 @@ class ScalingConfig:
         return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
 
     @property
+    def workers(self) -> str:
+        """The worker count as logs and the model card say it: `2`, or `1 to 4 (elastic)`."""
+        return (
+            f"{self.min_workers} to {self.max_workers} (elastic)" if self.elastic else str(self.num_workers)
+        )
+
+    @property
     def max_workers(self) -> int:
         """The largest group: the run's global batch is planned for it."""
         return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers

@@ -173,7 +173,18 @@ def export(
         _export_meta(
             data.labels, cfg.model, model_from, s.spec, attention_kernel(cfg.model.attention, s.spec)
         ),
-        _card(cfg, s.spec, s.batch_tokens, data.labels, data.splits, progress, results, train, speed, pngs),
+        _card(
+            cfg,
+            s.spec,
+            s.plan["batch_tokens"],
+            data.labels,
+            data.splits,
+            progress,
+            results,
+            train,
+            speed,
+            pngs,
+        ),
         files=pngs,
     )
     run.publish("model")
@@ -244,9 +255,7 @@ def _card(
         "max_steps": tc.max_steps,
         "batch_tokens (per worker)": batch_tokens if tc.batch_tokens != "auto" else f"{batch_tokens} (auto)",
         "gradient_accumulation_steps": tc.gradient_accumulation_steps,
-        "workers": f"{cfg.scaling.min_workers} to {cfg.scaling.max_workers} (elastic)"
-        if cfg.scaling.elastic
-        else cfg.scaling.num_workers,
+        "workers": cfg.scaling.workers,
         "optimizer": f"AdamW (betas {tc.adam_beta1}, {tc.adam_beta2}, "
         f"eps {tc.adam_epsilon}, weight decay {tc.weight_decay})",
         "lr_scheduler": "linear with warm-up",

@@ -138,7 +138,6 @@ def train_loop(
             device,
             metrics,
             report,
-            plan.batch_tokens,
             reader,
             total_steps=plan.total_steps,
             progress=progress,

@@ -56,12 +56,12 @@ class Session:
     metrics: MetricsLog | None  # rank 0 only
     view: ProgressView
     report: Report | None
-    batch_tokens: int  # train.batch_tokens as resolved (`auto` -> a number)
     clock: Clock  # rank 0 decides when a time-based checkpoint is due
     reader: ShardReader  # this rank's training shards
     flops: ModelFlops  # what a window's training FLOPs depend on
     peak: Peak  # one device's peak FLOP/s in this run's precision (rank 0's, the same on every rank)
-    plan: dict[str, Any]  # the global batch plan's inputs, kept in every checkpoint's manifest (loop.Plan)
+    plan: dict[str, Any]  # the global batch plan's inputs (batch_tokens as resolved, its pools, lanes),
+    # kept in every checkpoint's manifest (loop.Plan)
 
 
 def open_session(
@@ -73,7 +73,6 @@ def open_session(
     device: torch.device,
     metrics: MetricsLog | None,
     report: Report | None,
-    batch_tokens: int,
     reader: ShardReader,
     *,
     total_steps: int,
@@ -105,7 +104,6 @@ def open_session(
         metrics,
         view,
         report,
-        batch_tokens,
         clock,
         reader,
         model_flops(engine.module),
