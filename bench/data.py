@@ -1,12 +1,18 @@
-"""Sharded data at scale: prepare 1,000,000 generated CoNLL sentences once, then train on them.
+"""Sharded data at scale: prepare 1,000,000 generated sentences once, from CoNLL text and from
+Parquet, then train on them.
 
-    .venv/bin/python bench/data.py [--sentences 1000000] [--files 100] [--steps 50]
+    .venv/bin/python bench/data.py [--sentences 1000000] [--files 100] [--steps 50] [--formats conll,parquet]
 
 1. Generates the sentences (CoNLL-2003-like lengths: mean about 14 words, a fifth of them short
    headlines and bylines, a long tail to 120 words; words and entity types drawn from the demo
-   data) as `--files` CoNLL files under bench/out/data/corpus/.
-2. `trainer/main.py prepare` on them (a fresh subprocess, files prepared in parallel): sentences
-   per second, shard count, and the peak RSS of the process tree (the preparer and its pool).
+   data) as `--files` CoNLL files under bench/out/data/corpus/, and the same sentences as
+   `--files` Parquet files in the hub's layout (`tokens`, `ner_tags` as ClassLabel ids, the names
+   in the schema's `datasets` metadata, as `Dataset.to_parquet` writes them) under
+   bench/out/data/parquet/.
+2. `trainer/main.py prepare` on each format (a fresh subprocess, files prepared in parallel), one
+   after the other in this run: sentences per second, shard count, and the peak RSS of the process
+   tree (the preparer and its pool), with the Parquet figures as ratios of the CoNLL ones. Both
+   preparations must give the same windows (their index is compared).
 3. The same command again: it finds the prepared shards and skips preparation (its time).
 4. `trainer/main.py` for `--steps` optimizer steps on them, one worker, a tiny model with the
    same tokenizer: the peak RSS of that worker.
@@ -36,8 +42,16 @@ SHARED_TOKENIZER = ROOT.parent / "shared" / "models" / "xlm-roberta-base-tokeniz
 LIMIT = 2 << 30  # the issue's bound on both peaks
 
 
-def generate(folder: Path, sentences: int, files: int, seed: int = 0) -> int:
-    """Write `sentences` generated CoNLL sentences as `files` files; returns the token count."""
+TAG_NAMES = (
+    ["O"]
+    + [f"B-{t}" for t in ("PER", "ORG", "LOC", "MISC")]
+    + [f"I-{t}" for t in ("PER", "ORG", "LOC", "MISC")]
+)
+
+
+def generate(folder: Path, sentences: int, files: int, seed: int = 0, parquet: Path | None = None) -> int:
+    """Write `sentences` generated CoNLL sentences as `files` files (and as Parquet files in the hub's
+    layout under `parquet`); returns the token count."""
     from raytag.trainer.conll import read_conll
 
     demo = read_conll(ROOT / "trainer" / "assets" / "demo" / "train.txt").sentences
@@ -68,7 +82,7 @@ def generate(folder: Path, sentences: int, files: int, seed: int = 0) -> int:
         inside |= grow
     words_o = rng.integers(0, len(plain), total)
     words_e = rng.integers(0, len(named), total)
-    tag_names = ["O"] + [f"B-{t}" for t in types] + [f"I-{t}" for t in types]
+    tag_names = TAG_NAMES
     tag_id = np.where(start, 1 + kind, np.where(inside, 5 + kind, 0))
     lines = [
         f"{named[we] if t else plain[wo]} {tag_names[t]}"
@@ -87,7 +101,41 @@ def generate(folder: Path, sentences: int, files: int, seed: int = 0) -> int:
             parts.append("\n".join(lines[pos : pos + n]))
             pos += n
         (folder / f"part-{f:04d}.conll").write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    if parquet is not None:
+        vocab = np.asarray(plain + named, dtype=object)
+        word_id = np.where(tag_id > 0, len(plain) + words_e, words_o)
+        write_parquet(parquet, lengths, vocab[word_id], tag_id, per_file)
     return total
+
+
+def write_parquet(
+    folder: Path, lengths: np.ndarray, words: np.ndarray, tags: np.ndarray, per_file: int
+) -> None:
+    """The sentences as Parquet files in the hub's layout: `tokens` and `ner_tags` (ClassLabel ids,
+    the names in the schema's `datasets` metadata, as `Dataset.to_parquet` writes them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {
+        "tokens": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"},
+        "ner_tags": {"feature": {"names": TAG_NAMES, "_type": "ClassLabel"}, "_type": "List"},
+    }
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    folder.mkdir(parents=True, exist_ok=True)
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    for f, a in enumerate(range(0, len(lengths), per_file)):
+        b = min(len(lengths), a + per_file)
+        t0, t1 = int(ends[a]), int(ends[b])
+        offsets = pa.array(ends[a : b + 1] - t0, type=pa.int32())
+        table = pa.table(
+            {
+                "tokens": pa.ListArray.from_arrays(
+                    offsets, pa.array(words[t0:t1].tolist(), type=pa.string())
+                ),
+                "ner_tags": pa.ListArray.from_arrays(offsets, pa.array(tags[t0:t1], type=pa.int64())),
+            }
+        ).replace_schema_metadata(meta)
+        pq.write_table(table, folder / f"part-{f:04d}.parquet")
 
 
 class PeakRSS:
@@ -159,22 +207,31 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument(
+        "--formats", default="conll,parquet", help="input formats to prepare, compared in one run"
+    )
+    ap.add_argument(
         "--keep", action="store_true", help="reuse generated data and prepared shards from before"
     )
     args = ap.parse_args()
 
-    corpus = OUT / "corpus"
+    corpus, parquet = OUT / "corpus", OUT / "parquet"
     storage = OUT / "runs"
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not args.keep:
         shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True, exist_ok=True)
     tokenizer = str(SHARED_TOKENIZER) if SHARED_TOKENIZER.is_dir() else None
-    if not corpus.is_dir():
+    if not corpus.is_dir() or ("parquet" in formats and not parquet.is_dir()):
         t0 = time.monotonic()
-        tokens = generate(corpus, args.sentences, args.files)
+        tokens = generate(
+            corpus, args.sentences, args.files, parquet=parquet if "parquet" in formats else None
+        )
+        mb = {
+            d.name: sum(f.stat().st_size for f in d.iterdir()) / 1e6 for d in (corpus, parquet) if d.is_dir()
+        }
         print(
             f"generated {args.sentences:,} sentences ({tokens:,} tokens, {tokens / args.sentences:.1f} per sentence) "
-            f"in {args.files} files, {sum(f.stat().st_size for f in corpus.iterdir()) / 1e6:.0f} MB, "
+            f"in {args.files} files per format ({', '.join(f'{k} {v:.0f} MB' for k, v in mb.items())}), "
             f"{time.monotonic() - t0:.1f} s"
         )
     if tokenizer is not None:
@@ -186,31 +243,49 @@ def main() -> None:
             "tokenizer: the demo's (../shared/models/xlm-roberta-base-tokenizer is absent); model: builtin:tiny-xlmr"
         )
     main_py = [sys.executable, str(ROOT / "trainer" / "main.py")]
-    keys = [
-        f"data.train={corpus}",
+    common = [
         f"model.name_or_path={model}",
         "model.max_length=128",
         f"run.storage={storage}",
         "data.validation=null",
         "data.test=null",
     ]
-
-    took, rss, text = run([*main_py, "prepare", *keys], OUT / "prepare-1.log")
-    if "preparation skipped" in text:
-        print(f"prepare: found from before (--keep), {took:.1f} s")
-    else:
-        where = text.strip().splitlines()[-1]
-        manifest = json.loads((Path(where) / "MANIFEST.json").read_text())
+    keys = [f"data.train={corpus}", *common]
+    inputs = {"conll": corpus, "parquet": parquet}
+    figures: dict[str, dict[str, float]] = {}
+    index: dict[str, bytes] = {}
+    for fmt in formats:
+        took, rss, text = run(
+            [*main_py, "prepare", f"data.train={inputs[fmt]}", *common], OUT / f"prepare-{fmt}.log"
+        )
+        if "preparation skipped" in text:
+            print(f"prepare {fmt}: found from before (--keep), {took:.1f} s")
+            continue
+        where = Path(text.strip().splitlines()[-1])
+        manifest = json.loads((where / "MANIFEST.json").read_text())
+        index[fmt] = (where / "index.parquet").read_bytes()
+        rate = manifest["sentences"] / manifest["prepare_seconds"]
+        figures[fmt] = {"rate": rate, "peak": rss.peak, "single": rss.single}
         print(
-            f"prepare: {manifest['sentences']:,} sentences -> {len(manifest['shards'])} shards, "
+            f"prepare {fmt}: {manifest['sentences']:,} sentences -> {len(manifest['shards'])} shards, "
             f"{manifest['windows']:,} windows in {manifest['prepare_seconds']:.1f} s "
-            f"({manifest['sentences'] / manifest['prepare_seconds']:,.0f} sentences/s; {took:.1f} s with "
-            f"start-up; {manifest['executor']}, {os.cpu_count()} CPUs)"
+            f"({rate:,.0f} sentences/s; {took:.1f} s with start-up; {manifest['executor']}, {os.cpu_count()} CPUs)"
         )
         print(
-            f"prepare: peak RSS {gib(rss.peak)} for the process tree (largest single process {gib(rss.single)}); "
-            f"bound {gib(LIMIT)}: {'ok' if rss.peak < LIMIT else 'OVER'}"
+            f"prepare {fmt}: peak RSS {gib(rss.peak)} for the process tree (largest single process "
+            f"{gib(rss.single)}); bound {gib(LIMIT)}: {'ok' if rss.peak < LIMIT else 'OVER'}"
         )
+    if "conll" in figures and "parquet" in figures:
+        c, p = figures["conll"], figures["parquet"]
+        same = index["conll"] == index["parquet"]
+        print("\n| input | sentences/s | peak RSS (tree) | largest process |\n|---|---|---|---|")
+        for fmt, x in figures.items():
+            print(f"| {fmt} | {x['rate']:,.0f} | {gib(int(x['peak']))} | {gib(int(x['single']))} |")
+        print(
+            f"| parquet / conll | {p['rate'] / c['rate']:.2f}x | {p['peak'] / c['peak']:.2f}x | "
+            f"{p['single'] / c['single']:.2f}x |\n"
+        )
+        print(f"the two preparations' windows (index.parquet): {'identical' if same else 'DIFFERENT'}")
 
     took, _, text = run([*main_py, "prepare", *keys], OUT / "prepare-2.log")
     found = "preparation skipped" in text

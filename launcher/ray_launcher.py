@@ -38,7 +38,7 @@ def absolutize(cfg: Config) -> Config:
     """Local paths made absolute: Ray workers run in another working directory."""
 
     def fix(p: str | None) -> str | None:
-        if p is None or p.startswith(("builtin:", "s3://", "hf://")):
+        if p is None or p.startswith(("builtin:", "s3://", "hf:")):
             return p
         return str(Path(p).expanduser().resolve())
 

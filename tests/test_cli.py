@@ -151,27 +151,6 @@ def test_local_storage_refused_on_a_multi_node_cluster(monkeypatch):
     ray_launcher._check_storage_fits_cluster(cfg)  # fine on one node
 
 
-def test_hf_dataset_rows_become_iob2_sentences():
-    import datasets
-
-    from raytag.trainer.data import from_hf_dataset
-
-    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-    features = datasets.Features(
-        {
-            "tokens": datasets.Sequence(datasets.Value("string")),
-            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names)),
-        }
-    )
-    ds = datasets.Dataset.from_dict(
-        {"tokens": [["Anna", "Berg", "flew"], ["to", "Oslo"], ["x"]], "ner_tags": [[1, 2, 0], [0, 3], [0]]},
-        features=features,
-    )
-    split = from_hf_dataset(ds, "toy:train", limit=2)
-    assert [s.words for s in split.sentences] == [("Anna", "Berg", "flew"), ("to", "Oslo")]
-    assert [s.tags for s in split.sentences] == [("B-PER", "I-PER", "O"), ("O", "B-LOC")]
-
-
 def test_log_lines_never_show_the_secret_key():
     code = (
         "import logging\n"

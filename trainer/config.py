@@ -35,19 +35,36 @@ class CorpusConfig:
 
 
 @dataclass(frozen=True)
+class ColumnsConfig:
+    """Which columns of a dataset input (Parquet, JSON Lines, CSV, save_to_disk, hf:) hold a row's
+    words and tags."""
+
+    tokens: str = "tokens"
+    """The column of each row's list of words."""
+    tags: str = "ner_tags"
+    """The column of each row's list of tags: strings, or ids of a ClassLabel named in the features."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train: str | list[str] | dict[str, CorpusConfig] | None = None
-    """CoNLL training data: a file, a folder, a glob (`data/*.conll`), an `s3://bucket/prefix/` or
+    """Training data: a file, a folder, a glob (`data/*.conll`), an `s3://bucket/prefix/` or
     `s3://bucket/prefix/*.txt`, a list of these, or named corpora with weights
     (`{en: {path: ..., weight: 1.0}, es: {path: ..., weight: 0.5}}`). `builtin:demo/train.txt`
-    names a shipped sample. Prepared once into shards (see `data.prepared`)."""
+    names a shipped sample. Files are CoNLL text, or datasets (trainer/tables.py): Parquet,
+    JSON Lines, CSV, a `save_to_disk` folder (`PATH` reads its `train` split, `PATH:SPLIT` another)
+    or `hf:NAME[:CONFIG][:SPLIT]` from the hub. Prepared once into shards (see `data.prepared`)."""
     validation: str | None = None
-    """CoNLL file (local path or s3:// object) evaluated after each epoch."""
+    """Evaluated after each epoch: a CoNLL file or a dataset as for `data.train` (local or s3://;
+    a save_to_disk folder gives its `validation` split)."""
     test: str | None = None
-    """CoNLL file (local path or s3:// object) scored once at the end of the run, with the best
-    checkpoint's weights (results.json `test`, predictions/test.txt)."""
+    """Scored once at the end of the run, with the best checkpoint's weights (results.json `test`,
+    predictions/test.txt): a CoNLL file or a dataset, as `data.validation` (split `test`)."""
     eval_sets: dict[str, str] = field(default_factory=dict)
-    """Extra named evaluation sets: name -> CoNLL file (local or s3://), evaluated with validation."""
+    """Extra named evaluation sets: name -> CoNLL file or dataset (a save_to_disk folder gives the
+    split of that name), evaluated with validation."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """The words and tags columns of dataset inputs (defaults as on the hub: tokens, ner_tags)."""
     prepared: str | None = None
     """Where prepared training shards live (a folder or s3://bucket/prefix), shared by runs;
     default: <run.storage>/prepared-data. Each preparation sits in a folder named by its fingerprint."""
@@ -62,7 +79,8 @@ class DataConfig:
     labels: list[str] | None = None
     """The label set; by default taken from the training data."""
     hf_dataset: str | None = None
-    """Load splits with `datasets.load_dataset(NAME)` (e.g. conll2003) instead of files. Needs the hub."""
+    """Shorthand for a hub dataset's splits: `conll2003` reads `hf:conll2003:train` for training, and its
+    validation and test splits where it has them, for each of those keys left unset. Needs the hub."""
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ or ``PATH: `` for problems with the whole file (missing file, no sentences).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +104,7 @@ class ConllFile:
     scheme: str  # "iob1" or "iob2": what the input was read as
     repaired: int  # stray I- tags repaired to B- (IOB2 input only)
     docstarts: int  # -DOCSTART- lines seen
+    empty_rows: int = 0  # rows with no tokens (table inputs: trainer/tables.py), not sentences
 
 
 def _check_options(tag_scheme: str, max_sentences: int | None, labels: Sequence[str] | None) -> None:
@@ -327,12 +328,24 @@ def _detect_scheme(raw: list[tuple[list[str], list[str], int]]) -> str:
     return "iob1" if i_starts > b_starts else "iob2"
 
 
-def _to_iob2(raw: list[tuple[list[str], list[str], int]], scheme: str, strict: bool, name: str) -> int:
+# Builds the error for token `i` of the sentence that starts at `first`: a line of a CoNLL file,
+# a row of a table (trainer/tables.py).
+TokenError = Callable[[int, int, str], ConllError]
+
+
+def _to_iob2(
+    raw: list[tuple[list[str], list[str], int]],
+    scheme: str,
+    strict: bool,
+    name: str,
+    error: TokenError | None = None,
+) -> int:
     """Rewrite, in place, every I-X that starts an entity as B-X; return how many IOB2 repairs were made.
 
     Raises:
-        ConllError: ``strict`` IOB2 input has an I-X that starts an entity.
+        ConllError: ``strict`` IOB2 input has an I-X that starts an entity (built by ``error``).
     """
+    error = error or _line_error(name)
     repaired = 0
     begin: dict[str, str] = {}
     for _, tags, first_line in raw:
@@ -345,9 +358,9 @@ def _to_iob2(raw: list[tuple[list[str], list[str], int]], scheme: str, strict: b
             if tag[0] == "I" and type_ != previous:
                 if scheme == "iob2":
                     if strict:
-                        raise ConllError(
-                            name,
-                            first_line + i,
+                        raise error(
+                            first_line,
+                            i,
                             f"tag {tag!r} starts an entity in IOB2 input (use data.tag_scheme: iob1 if "
                             "the file is IOB1, or data.strict: false to repair it)",
                         )
@@ -360,7 +373,17 @@ def _to_iob2(raw: list[tuple[list[str], list[str], int]], scheme: str, strict: b
     return repaired
 
 
-def _check_labels(raw: list[tuple[list[str], list[str], int]], labels: Sequence[str], name: str) -> None:
+def _line_error(name: str) -> TokenError:
+    return lambda first_line, i, reason: ConllError(name, first_line + i, reason)
+
+
+def _check_labels(
+    raw: list[tuple[list[str], list[str], int]],
+    labels: Sequence[str],
+    name: str,
+    error: TokenError | None = None,
+) -> None:
+    error = error or _line_error(name)
     allowed = set(labels)
     for _, tags, first_line in raw:
         for i, tag in enumerate(tags):
@@ -368,6 +391,4 @@ def _check_labels(raw: list[tuple[list[str], list[str], int]], labels: Sequence[
                 shown = list(labels[:_MAX_SHOWN_LABELS])
                 if len(labels) > _MAX_SHOWN_LABELS:
                     shown.append(f"... {len(labels) - _MAX_SHOWN_LABELS} more")
-                raise ConllError(
-                    name, first_line + i, f"label {tag!r} is not in the label set ({', '.join(shown)})"
-                )
+                raise error(first_line, i, f"label {tag!r} is not in the label set ({', '.join(shown)})")

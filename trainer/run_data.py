@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import Config, ConfigError
-from .data import Split, hub_splits, read_split, write_conll
+from .data import Split, read_split, with_hub_shorthand
 from .features import Encoded, encode
 from .model import load_tokenizer
 from .shards import Prepared, open_prepared, prepare, prepared_root, spec_from_config
@@ -72,9 +71,7 @@ def load_data(cfg: Config, group: Any = None) -> Data:
     _log_stats("train", found.manifest["stats"])
     labels = found.labels
     label2id = {lab: i for i, lab in enumerate(labels)}
-    splits = read_splits(cfg)
-    for sp in splits.values():  # evaluation files must only use known labels
-        _check_labels(sp, label2id)
+    splits = read_splits(cfg, labels)  # evaluation sets must only use the training labels
     mc = cfg.model
     encoded = {
         name: encode(sp.words, sp.tags, tokenizer, label2id, mc.max_length, mc.stride)
@@ -94,21 +91,10 @@ def load_data(cfg: Config, group: Any = None) -> Data:
 
 
 def train_spec(cfg: Config):
-    """What to prepare for training: data.train, or a hub dataset's training split written out once."""
-    dc = cfg.data
-    if dc.hf_dataset:
-        import tempfile
+    """What to prepare for training: data.train's corpora (data.hf_dataset filling it in)."""
+    from dataclasses import replace
 
-        train = hub_splits(dc.hf_dataset, dc.max_train_samples, dc.max_eval_samples).get("train")
-        if train is None:
-            raise ConfigError(f"data.hf_dataset {dc.hf_dataset!r} has no train split")
-        path = Path(tempfile.gettempdir()) / "raytag-hub" / f"{dc.hf_dataset.replace('/', '_')}-train.conll"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_conll(train, path)
-        from dataclasses import replace
-
-        cfg = replace(cfg, data=replace(dc, train=str(path)))
-    return spec_from_config(cfg)
+    return spec_from_config(replace(cfg, data=with_hub_shorthand(cfg.data)))
 
 
 def storage_of(cfg: Config):
@@ -118,12 +104,12 @@ def storage_of(cfg: Config):
     return open_storage(prepared_root(cfg), endpoint_url=cfg.run.s3_endpoint_url, region=cfg.run.s3_region)
 
 
-def read_splits(cfg: Config) -> dict[str, Split]:
-    """The evaluation sets: validation, the named sets, test (local files or s3:// objects)."""
-    dc = cfg.data
-    if dc.hf_dataset:
-        hub = hub_splits(dc.hf_dataset, dc.max_train_samples, dc.max_eval_samples)
-        return {k: v for k, v in hub.items() if k != "train"}
+def read_splits(cfg: Config, labels: list[str] | None = None) -> dict[str, Split]:
+    """The evaluation sets: validation, the named sets, test (CoNLL files or datasets, local or
+    s3://); with `labels`, a tag outside them is an error naming its file and line (or row)."""
+    from .tables import Columns
+
+    dc = with_hub_shorthand(cfg.data)
     splits: dict[str, Split] = {}
     for name, path in [("validation", dc.validation), *dc.eval_sets.items(), ("test", dc.test)]:
         if path:
@@ -135,24 +121,12 @@ def read_splits(cfg: Config) -> dict[str, Split]:
                 tag_scheme=dc.tag_scheme,
                 strict=dc.strict,
                 max_sentences=dc.max_eval_samples,
-                labels=None,
+                labels=labels,
+                columns=Columns(dc.columns.tokens, dc.columns.tags),
                 endpoint_url=cfg.run.s3_endpoint_url,
                 region=cfg.run.s3_region,
             )
     return splits
-
-
-def _check_labels(split: Split, label2id: dict[str, int]) -> None:
-    from .conll import ConllError
-
-    for sent in split.sentences:
-        for i, tag in enumerate(sent.tags):
-            if tag not in label2id:
-                raise ConllError(
-                    split.path,
-                    sent.line + i,
-                    f"label '{tag}' does not occur in the training data's label set ({', '.join(label2id)})",
-                )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 from raytag.cluster.digest import sha256_bytes, sha256_file
 
 from .config import ConfigError
+from .tables import Columns, expand, table_format
 
 log = logging.getLogger("raytag")
 
@@ -74,15 +75,16 @@ class PrepareSpec:
     prepared: str  # storage URI of the prepared-data root
     endpoint_url: str | None = None
     region: str | None = None
+    columns: tuple[str, str] = ("tokens", "ner_tags")  # data.columns of dataset inputs: words, tags
 
 
 def corpora_of(train: Any) -> tuple[Corpus, ...]:
     """`data.train` (a path, a list, or {name: CorpusConfig}) as corpora, sorted by name."""
-    from .data import resolve_path
+    from .data import resolve_data_path
 
     def paths(p: Any) -> tuple[str, ...]:
         items = [p] if isinstance(p, str) else list(p)
-        return tuple(x if x.startswith("s3://") else resolve_path(x) for x in items)
+        return tuple(resolve_data_path(x) for x in items)
 
     if train is None:
         raise ConfigError("data.train: no training file given")
@@ -115,6 +117,7 @@ def spec_from_config(cfg: Any) -> PrepareSpec:
         prepared=root,
         endpoint_url=rc.s3_endpoint_url,
         region=rc.s3_region,
+        columns=(dc.columns.tokens, dc.columns.tags),
     )
 
 
@@ -175,6 +178,8 @@ def fingerprint(spec: PrepareSpec, inputs: dict[str, list[Any]], tokenizer_sha: 
         "labels": list(spec.labels) if spec.labels else None,
         "shard_sentences": [SHARD_TARGET, SHARD_MIN_SENTENCES, SHARD_MAX_SENTENCES],
     }
+    if any(table_format(f.uri) for files in inputs.values() for f in files):
+        payload["columns"] = list(spec.columns)  # which columns of a dataset are read
     return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:24]
 
 
@@ -195,11 +200,9 @@ def prepare(
     """Find the preparation of `spec`'s inputs, or make it. `executor` runs the per-file tasks
     (None: INLINE for small inputs, else `parallel`, default PROCESSES; the Ray launcher passes
     Ray tasks). Raises ConllError for bad input lines, StorageError for unreachable inputs or storage."""
-    from raytag.cluster.inputs import list_inputs
-
     inputs = {
         c.name: [
-            f for p in c.paths for f in list_inputs(p, endpoint_url=spec.endpoint_url, region=spec.region)
+            f for p in c.paths for f in expand(p, "train", endpoint_url=spec.endpoint_url, region=spec.region)
         ]
         for c in spec.corpora
     }
@@ -225,6 +228,7 @@ def prepare(
         "labels": list(spec.labels) if spec.labels else None,
         "endpoint_url": spec.endpoint_url,
         "region": spec.region,
+        "columns": list(spec.columns),
     }
     # pass 1: validate and count, every file
     scan_calls = [(f.uri, spec.max_sentences, opts) for c in spec.corpora for f in inputs[c.name]]
@@ -392,16 +396,15 @@ def open_prepared(uri: str, fp: str, endpoint_url: str | None = None, region: st
 
 
 def _read_file(uri: str, limit: int | None, opts: dict[str, Any]) -> Any:
-    """Read and validate one input file (a ConllFile); ConllError names the file and line."""
-    from raytag.cluster.inputs import read_input
+    """Read and validate one input file (a ConllFile): CoNLL text or a dataset's file (trainer/tables.py);
+    ConllError names the file and line (TableError: the row and column)."""
+    from .conll import ConllOptions
+    from .data import read_input_file
 
-    from .conll import ConllOptions, parse_conll_bytes
-
-    data = read_input(uri, endpoint_url=opts["endpoint_url"], region=opts["region"])
     options = ConllOptions(
         tag_scheme=opts["tag_scheme"], strict=opts["strict"], max_sentences=limit, labels=opts["labels"]
     )
-    return parse_conll_bytes(data, uri, options)
+    return read_input_file(uri, options, Columns(*opts["columns"]), opts["endpoint_url"], opts["region"])
 
 
 def _scan_file(uri: str, limit: int | None, opts: dict[str, Any]) -> dict[str, Any]:
@@ -413,6 +416,8 @@ def _scan_file(uri: str, limit: int | None, opts: dict[str, Any]) -> dict[str, A
             uri,
             cf.repaired,
         )
+    if cf.empty_rows:
+        log.warning("%s: %d row(s) with no tokens are no sentences: not used", uri, cf.empty_rows)
     return {
         "sentences": len(cf.sentences),
         "tags": sorted(tags),
