@@ -492,3 +492,30 @@ def test_definitions_run_the_image_the_dockerfile_documents():
     used = [_load(AWS_YAML)["docker"]["image"]]
     used += [c["image"] for cs in _ray_containers(_load(RAYJOB_YAML)).values() for c in cs]
     assert used == [image] * 4, used
+
+
+def test_makefile_keeps_deepspeed_on_the_cpu_only_where_there_is_no_gpu(tmp_path):
+    """DS_ACCELERATOR=cpu is exported only where `nvidia-smi -L` fails: on a GPU machine `make demo`
+    leaves DeepSpeed to find CUDA."""
+    import os
+    import shutil
+    import subprocess
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is absent")
+    fake = tmp_path / "gpu-bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    show = ["--eval", 'show-accelerator: ; @echo "[$$DS_ACCELERATOR]"', "-s", "show-accelerator"]
+    base = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    no_gpu = {**base, "PATH": "/usr/bin:/bin"}
+    gpu = {**base, "PATH": f"{fake}:/usr/bin:/bin"}
+    out = {
+        name: subprocess.run(
+            [make, *show], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        ).stdout
+        for name, env in (("cpu", no_gpu), ("gpu", gpu))
+    }
+    assert out == {"cpu": "[cpu]\n", "gpu": "[]\n"}

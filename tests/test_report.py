@@ -16,7 +16,7 @@ from raytag.launcher.cli import main
 from raytag.trainer.plots import PLOTS
 from tests.helpers import ROOT
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it when missing
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; `make test` installs it when missing (root, apt-get)
 # This machine's network is closed: no first-run, sync, component or background fetches.
 CHROMIUM_ARGS = [
     "--headless",

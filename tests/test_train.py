@@ -198,6 +198,31 @@ def test_a_finished_run_trains_on_when_asked_for_more_steps(tmp_path, caplog):
     assert json.loads((tmp_path / "longer" / "results.json").read_text())["global_steps"] == 5
 
 
+def test_logged_tokens_per_second_counts_the_steps_only(tmp_path, monkeypatch):
+    """An evaluation and a checkpoint between two log lines are not training time: the seconds
+    behind every logged tokens/s add up to the run's step time, however slow the evaluations."""
+    import time
+
+    import raytag.trainer.session as session
+
+    real = session.evaluate
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(session, "evaluate", slow)
+    common = ["data.max_train_samples=48", "data.max_eval_samples=16", "data.test=null"]
+    results = run(tmp_path, "tok", *common, "train.max_steps=6", "train.log_every=2", "train.eval_every=2")
+    logged = [r for r in records(tmp_path / "tok") if r.get("type") == "train"]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    seen = [0] + [r["tokens_seen"] for r in logged]
+    counted = sum((b - a) / r["tokens_per_second"] for a, b, r in zip(seen[:-1], seen[1:], logged, strict=True))
+    assert counted == pytest.approx(
+        results["train_runtime_seconds"], rel=0.05, abs=0.05
+    )  # 2 s of evaluations aside
+
+
 def test_save_every_minutes_checkpoints_on_the_clock(tmp_path, caplog):
     caplog.set_level("INFO", logger="raytag")
     run(

@@ -74,10 +74,11 @@ def train_epochs(
             record["windows"] += int(windows)
             progress.epoch_loss += loss
             progress.epoch_labelled += plan.labelled[i]
-            progress.train_seconds += time.monotonic() - t0
+            seconds = time.monotonic() - t0
+            progress.train_seconds += seconds
             flops = s.flops.train_flops(tokens, squares)
             progress.train_flops += flops
-            window.add(loss, plan.labelled[i], tokens, flops)
+            window.add(loss, plan.labelled[i], tokens, flops, seconds)
             gs = progress.global_step
             if gs % tc.log_every == 0 or gs == total_steps:
                 _log_train(s, window, progress, epoch + (i + 1) / len(plan.steps))
@@ -151,26 +152,27 @@ _DUMMY = Window(
 
 
 class _Window:
-    """Training figures since the last log line."""
+    """Training figures since the last log line. Its seconds are the steps' own: an evaluation or a
+    checkpoint between two log lines is not training time (tokens/s and MFU do not dip after one)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.labelled, self.tokens, self.flops = 0.0, 0.0, 0.0, 0.0
-        self.t0 = time.monotonic()
+        self.loss, self.labelled, self.tokens, self.flops, self.seconds = 0.0, 0.0, 0.0, 0.0, 0.0
 
-    def add(self, loss: float, labelled: int, tokens: float, flops: float) -> None:
+    def add(self, loss: float, labelled: int, tokens: float, flops: float, seconds: float) -> None:
         self.loss += loss
         self.labelled += labelled
         self.tokens += tokens
         self.flops += flops
+        self.seconds += seconds
 
 
 def _log_train(s: Session, window: _Window, progress: TrainingProgress, epoch_f: float) -> None:
     lr = float(s.engine.get_lr()[0])
     mean_loss = window.loss / max(1.0, window.labelled)
-    seconds = max(1e-9, time.monotonic() - window.t0)
+    seconds = max(1e-9, window.seconds)
     tok_s = window.tokens / seconds
     if s.metrics is not None:
         s.metrics.write(
