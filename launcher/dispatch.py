@@ -11,6 +11,9 @@ from raytag.trainer.config import Config, to_dict
 def run(cfg: Config) -> dict | None:
     """Local single-node mode in-process, or a Ray Train run when more workers or a cluster are asked for."""
     from raytag.trainer.stopping import on_sigterm
+    from raytag.trainer.tracking import resolve
+
+    cfg = resolve(cfg)  # MLFLOW_TRACKING_URI into the config: Ray's workers do not see this environment
 
     if cfg.scaling.num_workers == 1 and not _ray_cluster_reachable():  # a range always runs on Ray Train
         from raytag.trainer.loop import train_loop

@@ -1,6 +1,7 @@
 """Logging for every raytag process (the command line, Ray Train workers, sweep trials): one line
 format on stderr, the libraries' chatter down to warnings, and known secret values (the AWS secret
-key, session token: `raytag.cluster.secrets`) stripped from every line."""
+key, session token, MLflow's password and token, a URL's password: `raytag.cluster.secrets`)
+stripped from every line."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from raytag.cluster.secrets import redact
 
 
 class RedactSecrets(logging.Filter):
-    """Strip known secret values (the AWS secret key, session token) from every log line."""
+    """Strip known secret values (`raytag.cluster.secrets.redact`) from every log line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
@@ -30,7 +31,15 @@ def setup_logging() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets", "filelock"):
+    for noisy in (
+        "DeepSpeed",
+        "deepspeed",
+        "torch.distributed",
+        "transformers",
+        "datasets",
+        "filelock",
+        "mlflow",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -15,6 +15,7 @@ instead of training them again, and resumes the others from their checkpoints li
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -181,11 +182,19 @@ class Trial:
 def plan(
     config_path, items: list[str], samples: int, seed: int | None
 ) -> tuple[Config, list[Axis], list[Trial]]:
-    """The sweep's base config, its axes and one Trial per point (each config validated)."""
+    """The sweep's base config, its axes and one Trial per point (each config validated).
+
+    With MLflow tracking on (tracking.mlflow_uri or MLFLOW_TRACKING_URI), every trial is a run of
+    one experiment: tracking.mlflow_experiment, by default the sweep's run.name."""
+    from raytag.trainer.tracking import resolve
+
     axes, overrides = split_args(items)
     if not axes:
         raise ConfigError("sweep: no axis given (add e.g. sweep.train.learning_rate=[1e-5,3e-5,5e-5])")
-    base = load_config(config_path, overrides)
+    base = resolve(load_config(config_path, overrides))
+    tracking = base.tracking
+    if tracking.mlflow_uri is not None and tracking.mlflow_experiment is None:
+        tracking = dataclasses.replace(tracking, mlflow_experiment=base.run.name)
     space = points(axes, samples, base.train.seed if seed is None else seed)
     root = base.run.storage.rstrip("/") + "/" + base.run.name
     prepared = base.data.prepared or base.run.storage.rstrip("/") + "/prepared-data"
@@ -204,7 +213,7 @@ def plan(
                 f"data.prepared={prepared}",
             ],
         )
-        trials.append(Trial(name, point, mine, cfg))
+        trials.append(Trial(name, point, mine, dataclasses.replace(cfg, tracking=tracking)))
     return base, axes, trials
 
 

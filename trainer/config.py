@@ -255,12 +255,25 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    mlflow_uri: str | None = None
+    """MLflow tracking server (http://HOST:5000, https://..., databricks, sqlite:///FILE.db): rank 0
+    logs the config as parameters, the training and evaluation metrics per logged step, the final
+    results, and results.json, the model card and its plots as artifacts (trainer/tracking.py). An
+    unreachable server is a warning and the run trains on. Default: MLFLOW_TRACKING_URI, else off."""
+    mlflow_experiment: str | None = None
+    """The MLflow experiment of the run (created when missing); default: MLFLOW_EXPERIMENT_NAME, else
+    MLflow's `Default`. A sweep's trials all go to this one, by default named for the sweep's run.name."""
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +492,12 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
             raise bad("storage_retry_seconds", f"must be > 0, got {obj.storage_retry_seconds}")
         if not obj.stop_grace_seconds > 0:
             raise bad("stop_grace_seconds", f"must be > 0, got {obj.stop_grace_seconds}")
+    elif isinstance(obj, TrackingConfig):
+        problem = mlflow_uri_problem(obj.mlflow_uri) if obj.mlflow_uri is not None else None
+        if problem:
+            raise bad("mlflow_uri", problem)
+        if obj.mlflow_experiment is not None and not obj.mlflow_experiment.strip():
+            raise bad("mlflow_experiment", "must not be empty (leave it out for the default)")
     elif isinstance(obj, ScalingConfig):
         if isinstance(obj.num_workers, list):
             if len(obj.num_workers) != 2:
@@ -500,13 +519,78 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
             )
 
 
+# Tracking stores MLflow itself knows (mlflow/tracking/_tracking_service/utils.py; "" and file: a
+# local folder); a plugin adds its scheme as an entry point. A database URI may name its driver:
+# postgresql+psycopg2://...
+MLFLOW_SCHEMES = (
+    "http",
+    "https",
+    "databricks",
+    "databricks-uc",
+    "uc",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "file",
+    "",
+)
+
+
+def mlflow_uri_problem(uri: str) -> str | None:
+    """Why `uri` cannot be an MLflow tracking URI, judged from its form alone (None: it can be).
+
+    No import of mlflow and no connection: the config is checked before anything starts."""
+    import importlib.metadata
+    import re
+    import urllib.parse
+
+    if not uri or any(c.isspace() for c in uri):
+        return f"{uri!r} is not a URI (empty, or with spaces)"
+    if re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri):  # localhost:5000, 127.0.0.1:5000
+        return f"{uri!r} has no scheme; did you mean 'http://{uri}'?"
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        try:
+            parts.port  # noqa: B018  (raises on a port that is not a number)
+        except ValueError:
+            return f"{uri!r} has a port that is not a number"
+        return None if parts.hostname else f"{uri!r} names no host"
+    plugins = {e.name for e in importlib.metadata.entry_points(group="mlflow.tracking_store")}
+    if scheme.split("+")[0] in MLFLOW_SCHEMES or scheme in plugins:
+        return None
+    return (
+        f"unsupported scheme {parts.scheme!r} in {uri!r}: use http://HOST:PORT "
+        "or https://... (an MLflow server), databricks, or a database (sqlite:///FILE.db, postgresql://...)"
+    )
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts (for YAML output, Ray's train_loop_config, provenance)."""
     return dataclasses.asdict(cfg)
 
 
+def public_dict(cfg: Config) -> dict[str, Any]:
+    """`to_dict` with the password of any URL in it masked (`user:***@host`): what the run writes
+    down (config.yaml, results.json's provenance, MLflow's parameters)."""
+    from raytag.cluster.secrets import redact_urls
+
+    def mask(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact_urls(v)
+        if isinstance(v, dict):
+            return {k: mask(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [mask(x) for x in v]
+        return v
+
+    return typing.cast(dict[str, Any], mask(to_dict(cfg)))
+
+
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    """The config as YAML, any URL's password masked (config.yaml, --print-config)."""
+    return yaml.safe_dump(public_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def _keys() -> list[tuple[str, type, dataclasses.Field]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import dist
 from .card import render_card
-from .config import Config, to_dict
+from .config import Config, public_dict
 from .engine import EngineSpec, attention_kernel, full_state_dict
 from .evaluate import EvalResult
 from .flops import mfu, rounded
@@ -80,6 +80,17 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
     }
     write_json(run.workdir / "results.json", out)
     run.publish("results.json")
+    if s.metrics is not None:  # MLflow, when tracking: the figures, results.json, the card and its plots
+        card = {f"card/{p.name}": p for p in sorted((run.workdir / "model").glob("*.png"))}
+        s.metrics.results(
+            out,
+            progress.global_step,
+            {
+                "results.json": run.workdir / "results.json",
+                "card/README.md": run.workdir / "model" / "README.md",
+                **card,
+            },
+        )
     log.info("done: %s", ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in results.items()) or "no evaluation")
     return out
 
@@ -219,7 +230,7 @@ def provenance(cfg: Config, data: Data) -> dict[str, Any]:
                 for n, sp in data.splits.items()
             },
         },
-        "config": to_dict(cfg),
+        "config": public_dict(cfg),  # URL passwords masked
     }
 
 

@@ -11,6 +11,9 @@ save      a checkpoint after each evaluation (and every train.save_every steps),
 finish    the best checkpoint's weights -> model/ (Hugging Face format, model card), test and
           named sets scored with them, results.json (finish.py)
 
+Rank 0 writes the run's metrics (metrics.jsonl, TensorBoard, MLflow when tracking is on: outputs.py,
+tracking.py).
+
 Every rank runs every collective and every storage call of the run object at the same points;
 storage, DeepSpeed's file names and the run lease live behind `RunStore`.
 """
@@ -51,6 +54,7 @@ from .session import Notices, Report, open_session, publish_metrics
 from .shard_plan import ShardReader, plan_epoch
 from .step import train_epochs
 from .stopping import STOP
+from .tracking import open_tracking
 
 log = logging.getLogger("raytag")
 
@@ -127,6 +131,7 @@ def train_loop(
                 run.workdir / "metrics.jsonl",
                 progress.global_step if resumed_from else None,
                 tensorboard=rc.tensorboard,
+                mlflow=open_tracking(cfg, run.uri, progress.mlflow_run_id),  # None: tracking is off
             )
             record_start(cfg, run, metrics, data, plan, spec, attention, world, resumed, progress.global_step)
         s = open_session(
@@ -157,7 +162,7 @@ def train_loop(
     finally:
         STOP.done()  # a stop request that came during the final scoring: the run finished anyway
         if metrics is not None:
-            metrics.close()
+            metrics.close(success)
         run.close(success)
         undo_process_wide_patches()
         if own_group:

@@ -13,9 +13,12 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .scoring import write_conlleval_file
+
+if TYPE_CHECKING:
+    from .tracking import MlflowLog
 
 PACKAGES = (
     "raytag",
@@ -84,14 +87,19 @@ def write_json(path: Path, obj: Any) -> None:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step and per evaluation, appended as they happen,
-    and the same records as TensorBoard scalars under tensorboard/ when `tensorboard` is set.
+    and the same records as TensorBoard scalars under tensorboard/ when `tensorboard` is set, and
+    as MLflow metrics when given an `mlflow` log (trainer/tracking.py), which also gets the run's
+    final results and files (`results`).
 
     `files()` names what changed for the run's storage to mirror after each write.
     """
 
-    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool = False):
+    def __init__(
+        self, path: Path, resume_step: int | None, tensorboard: bool = False, mlflow: MlflowLog | None = None
+    ):
         self.path = path
         self.tensorboard = TensorBoardLog(path.parent / "tensorboard", resume_step) if tensorboard else None
+        self.mlflow = mlflow
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             path.write_text("")
@@ -111,6 +119,18 @@ class MetricsLog:
             f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
         if self.tensorboard is not None:
             self.tensorboard.write(record)
+        if self.mlflow is not None:
+            self.mlflow.write(record)
+
+    def results(self, results: dict[str, Any], step: int, files: dict[str, Path]) -> None:
+        """The run's final `results` (results.json's) at `step`, and `files` (artifact path -> file)."""
+        if self.mlflow is not None:
+            self.mlflow.results(results, step, files)
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run these metrics go to, once the tracking server has opened it."""
+        return self.mlflow.run_id if self.mlflow is not None else None
 
     def files(self) -> list[str]:
         """The files `write` changes, relative to the run folder."""
@@ -119,23 +139,44 @@ class MetricsLog:
             out.append(f"tensorboard/{self.tensorboard.file.name}")
         return out
 
-    def close(self) -> None:
+    def close(self, success: bool = True) -> None:
+        """Flush and close the sinks; `success`: the run finished (MLflow records how it ended)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.mlflow is not None:
+            self.mlflow.close(success)
+
+
+TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch")
+EVAL_KEYS = ("f1", "precision", "recall", "accuracy", "loss")
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl record as named numbers, tagged as the Hugging Face Trainer tags them:
+    `train/loss`, `train/learning_rate`, `train/grad_norm`, `train/tokens_per_second`, `train/mfu`,
+    `train/epoch`; each evaluation set under its own name (`validation/f1`, `validation/loss`, ...,
+    `validation/PER/f1`). Only finite numbers; other records (`resize`) give none."""
+    named: dict[str, Any] = {}
+    if record.get("type") == "train":
+        named = {f"train/{k}": record.get(k) for k in TRAIN_KEYS}
+    elif record.get("type") == "eval":
+        split = record["split"]
+        named = {f"{split}/{k}": record.get(k) for k in EVAL_KEYS}
+        for entity_type, m in sorted((record.get("per_type") or {}).items()):
+            named.update({f"{split}/{entity_type}/{k}": m.get(k) for k in ("f1", "precision", "recall")})
+    return {
+        tag: float(v)
+        for tag, v in named.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 class TensorBoardLog:
-    """tensorboard/: the records of metrics.jsonl as TensorBoard scalars, one point per logged step.
-
-    Tags follow the Hugging Face Trainer's: `train/loss`, `train/learning_rate`, `train/grad_norm`,
-    `train/tokens_per_second`, `train/mfu`, `train/epoch`; each evaluation set under its own name
-    (`validation/f1`, `validation/loss`, ..., `validation/PER/f1`). A resumed run's writer starts
-    with a purge at the step after its checkpoint, so TensorBoard drops the points the earlier
-    attempt logged past it (they are redone), as metrics.jsonl does.
+    """tensorboard/: the records of metrics.jsonl as TensorBoard scalars (`scalars`' tags), one point
+    per logged step. A resumed run's writer starts with a purge at the step after its checkpoint,
+    so TensorBoard drops the points the earlier attempt logged past it (they are redone), as
+    metrics.jsonl does.
     """
-
-    TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "epoch")
-    EVAL_KEYS = ("f1", "precision", "recall", "accuracy", "loss")
 
     def __init__(self, logdir: Path, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
@@ -150,19 +191,8 @@ class TensorBoardLog:
 
     def write(self, record: dict[str, Any]) -> None:
         step, walltime = int(record["step"]), record.get("time")
-        scalars: dict[str, Any] = {}
-        if record.get("type") == "train":
-            scalars = {f"train/{k}": record.get(k) for k in self.TRAIN_KEYS}
-        elif record.get("type") == "eval":
-            split = record["split"]
-            scalars = {f"{split}/{k}": record.get(k) for k in self.EVAL_KEYS}
-            for entity_type, m in sorted((record.get("per_type") or {}).items()):
-                scalars.update(
-                    {f"{split}/{entity_type}/{k}": m.get(k) for k in ("f1", "precision", "recall")}
-                )
-        for tag, value in scalars.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(tag, float(value), step, walltime=walltime)
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, step, walltime=walltime)
         self.writer.flush()
 
     def close(self) -> None:

@@ -36,6 +36,9 @@ class TrainingProgress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
     # per epoch trained: {"epoch", "windows" (trained on, all ranks), "world_sizes" (in order)}
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: str | None = (
+        None  # the MLflow run this one logs to (tracking.mlflow_uri): a resume continues it
+    )
 
     def note_world(self, epoch: int, world: int) -> dict[str, Any]:
         """The record of `epoch`, noting that it (now) trains with `world` workers."""

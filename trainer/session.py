@@ -180,6 +180,8 @@ def save(s: Session, progress: TrainingProgress, eval_metrics: dict[str, Any]) -
     rank = dist.rank()
     torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
     if rank == 0:
+        if s.metrics is not None and s.metrics.mlflow_run_id:  # a resume continues this MLflow run
+            progress.mlflow_run_id = s.metrics.mlflow_run_id
         progress.save(folder / "progress.json")
         write_json(folder / "labels.json", s.data.labels)
         (folder / "tokenizer.sha256").write_text(s.data.tokenizer_sha)
