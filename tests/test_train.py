@@ -217,7 +217,9 @@ def test_logged_tokens_per_second_counts_the_steps_only(tmp_path, monkeypatch):
     logged = [r for r in records(tmp_path / "tok") if r.get("type") == "train"]
     assert [r["step"] for r in logged] == [2, 4, 6]
     seen = [0] + [r["tokens_seen"] for r in logged]
-    counted = sum((b - a) / r["tokens_per_second"] for a, b, r in zip(seen[:-1], seen[1:], logged, strict=True))
+    counted = sum(
+        (b - a) / r["tokens_per_second"] for a, b, r in zip(seen[:-1], seen[1:], logged, strict=True)
+    )
     assert counted == pytest.approx(
         results["train_runtime_seconds"], rel=0.05, abs=0.05
     )  # 2 s of evaluations aside

@@ -287,10 +287,11 @@ def _batches(
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(pa.BufferReader(data))
+            pf = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
             schema = pf.schema_arrow
             _require(schema.names, wanted, name)
-            return pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted), _hf_features(schema)
+            batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted, use_threads=False)
+            return batches, _hf_features(schema)
         if fmt == "arrow":
             try:
                 reader = pa.ipc.open_stream(pa.BufferReader(data))  # what save_to_disk writes
@@ -371,11 +372,9 @@ def _columns(
 ) -> tuple[list[str], list[str] | None, np.ndarray]:
     """One batch's words and tags, flattened, and each row's length (checked equal)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     tok = _as_lists(batch.column(columns.tokens), columns.tokens, name, row0, words=True)
-    lengths = pc.list_value_length(tok).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = tok.flatten()
+    lengths, values = _list_parts(tok)
     if values.null_count:
         raise _at_value(name, columns.tokens, lengths, row0, _first_null(values), "a null word")
     if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
@@ -384,7 +383,7 @@ def _columns(
     if not require_tags:
         return words, None, lengths
     tag = _as_lists(batch.column(columns.tags), columns.tags, name, row0, words=False)
-    tag_lengths = pc.list_value_length(tag).to_numpy(zero_copy_only=False).astype(np.int64)
+    tag_lengths, flat = _list_parts(tag)
     bad = np.flatnonzero(tag_lengths != lengths)
     if bad.size:
         r = int(bad[0])
@@ -394,7 +393,6 @@ def _columns(
             columns.tags,
             f"{tag_lengths[r]} tags for {lengths[r]} tokens in column '{columns.tokens}'",
         )
-    flat = tag.flatten()
     if flat.null_count:
         raise _at_value(name, columns.tags, lengths, row0, _first_null(flat), "a null tag")
     if pa.types.is_integer(flat.type):
@@ -424,9 +422,10 @@ def _columns(
             raise TableError(
                 name, None, columns.tags, f"expected lists of tag strings or ClassLabel ids, got {tag.type}"
             )
-        for value in pc.unique(flat).to_pylist():
+        tags = flat.to_pylist()
+        for value in set(tags):
             if not _is_iob_tag(value):
-                i = pc.index(flat, value).as_py()
+                i = tags.index(value)
                 raise _at_value(
                     name,
                     columns.tags,
@@ -435,8 +434,18 @@ def _columns(
                     i,
                     f"tag {value!r} is not in the IOB1/IOB2 scheme (expected O, B-TYPE or I-TYPE)",
                 )
-        tags = flat.to_pylist()
     return words, tags, lengths
+
+
+def _list_parts(arr: Any) -> tuple[np.ndarray, Any]:
+    """A list array's row lengths and its values, read from its offsets buffer (no compute kernel:
+    pyarrow.compute would load its library into every preparing process)."""
+    import pyarrow as pa
+
+    width = np.int64 if pa.types.is_large_list(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1]
+    first, last = int(offsets[0]), int(offsets[-1])
+    return np.diff(offsets).astype(np.int64), arr.values.slice(first, last - first)
 
 
 def _as_lists(col: Any, column: str, name: str, row0: int, *, words: bool) -> Any:
