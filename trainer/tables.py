@@ -404,7 +404,9 @@ def _columns(
                 "tags are integer ids but the input carries no ClassLabel names for them: write the tags "
                 "as strings, or save the dataset with its features (save_to_disk, or to_parquet from datasets)",
             )
-        ids = flat.to_numpy(zero_copy_only=False)
+        kind = "i" if pa.types.is_signed_integer(flat.type) else "u"
+        ids = np.frombuffer(flat.buffers()[1], dtype=f"{kind}{flat.type.bit_width // 8}")  # no pandas import
+        ids = ids[flat.offset : flat.offset + len(flat)]
         out = np.flatnonzero((ids < 0) | (ids >= len(names)))
         if out.size:
             i = int(out[0])
