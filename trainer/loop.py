@@ -38,6 +38,7 @@ from .engine import (
     end_local_process_group,
     engine_spec,
     fit_embedding_updates,
+    plan_schedule,
     rank_device,
     undo_process_wide_patches,
 )
@@ -120,6 +121,8 @@ def train_loop(
         # ---- resume: rank 0 picks the checkpoint, every rank loads its own part of it
         progress, resumed = resume(cfg, run, engine, data, group, info)
         resumed_from = resumed.name if resumed is not None else None
+        # the schedule this run plans, over the one a checkpoint stored (train.epochs may have grown)
+        plan_schedule(engine, spec.warmup_steps, spec.total_steps)
 
         # ---- the run's files and session
         if group.rank == 0:  # rank 0 alone writes the run's files (ranks may share the working folder)
