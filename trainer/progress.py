@@ -36,6 +36,9 @@ class TrainingProgress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
     # per epoch trained: {"epoch", "windows" (trained on, all ranks), "world_sizes" (in order)}
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    # train.time_budget (budget.py): the seconds used as of this checkpoint and, once the first steps
+    # are timed, the plan ("planned_steps", "warmup_steps", the measured costs); empty without a budget
+    time_budget: dict[str, Any] = field(default_factory=dict)
 
     def note_world(self, epoch: int, world: int) -> dict[str, Any]:
         """The record of `epoch`, noting that it (now) trains with `world` workers."""
@@ -130,6 +133,13 @@ class ProgressView:
                 tokens_per_s,
                 _fmt_eta(eta),
             )
+
+    def set_total(self, total: int) -> None:
+        """The run's step count, once known (train.time_budget plans it after its first steps)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def write(self, msg: str) -> None:
         if not self.enabled:
