@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raytag")
 
-# Padded tokens per forward pass. Measured with bench/tag.py on the offline encoder (12 layers, 384
-# wide, bf16 autocast, 2 cores): 2048 to 8192 are within a few percent of each other; larger
-# batches gain nothing on a CPU and cost memory (a GPU would take more, see --batch-tokens).
-BATCH_TOKENS = 4096
+# Padded tokens per forward pass. Smaller batches keep a layer's activations in the core's cache:
+# CPU seconds for 1000 CoNLL-2003 test sentences on the offline encoder (12 layers, 384 wide, bf16
+# autocast, 1 thread, two rounds each): 1024 tokens 6.2-7.3, 2048 6.8-7.5, 4096 7.2-8.7, 8192
+# 10.0-11.8, 16384 (predict's budget before) 11.5-12.1. A GPU wants more (--batch-tokens).
+BATCH_TOKENS = 2048
 MAX_BATCH_SENTENCES = 1024
 
 
@@ -142,7 +143,11 @@ class Tagger:
                 # Only the owned words' first sub-tokens are read: softmax over those rows alone.
                 rows = np.concatenate([np.full(len(windows[i].positions), r) for r, i in enumerate(idx)])
                 cols = np.concatenate([windows[i].positions for i in idx])
-                picked = logits[torch.from_numpy(rows), torch.from_numpy(cols.astype(np.int64))].float()
+                at = (
+                    torch.from_numpy(rows).to(logits.device),
+                    torch.from_numpy(cols.astype(np.int64)).to(logits.device),
+                )
+                picked = logits[at].float()
                 top, best = picked.softmax(-1).max(-1)
                 best_np, top_np = best.cpu().numpy(), top.cpu().numpy()
                 start = 0
