@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import re
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -142,14 +143,62 @@ class TagActor:
         self.tag = PartTagger(job)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        from .cli import _user_errors
+
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        results = [self.tag(PartTask(**{k: _plain(v) for k, v in row.items()})) for row in rows]
-        return {f.name: [getattr(r, f.name) for r in results] for f in dataclasses.fields(PartResult)}
+        out: dict[str, list[Any]] = {f.name: [] for f in dataclasses.fields(PartResult)}
+        out.update(failure=[], user_error=[])
+        for row in rows:
+            task = PartTask(**{k: _plain(v) for k, v in row.items()})
+            # A failure is returned, not raised: Ray Data's wrapper of a raised error keeps only its
+            # own message, and the driver should say what went wrong (one line for a user error).
+            failure, user_error = "", False
+            try:
+                result = self.tag(task)
+            except _user_errors() as e:
+                result, failure, user_error = PartResult(task.index, task.input), f"{task.input}: {e}", True
+            except Exception:
+                result, failure = PartResult(task.index, task.input), traceback.format_exc()
+            for f in dataclasses.fields(PartResult):
+                out[f.name].append(getattr(result, f.name))
+            out["failure"].append(failure)
+            out["user_error"].append(user_error)
+        return out
+
+
+class ActorFailure(RuntimeError):
+    """A tagging actor failed with something other than a user error (its traceback in the message)."""
 
 
 def _plain(value: Any) -> Any:
     """A numpy scalar as the Python value it holds."""
     return value.item() if hasattr(value, "item") else value
+
+
+def _check_paths_fit_cluster(job: TagJob, tasks: Sequence[PartTask]) -> None:
+    """On a cluster of several nodes, every path an actor opens must be an s3:// one: a local
+    folder is another folder on each node. Raises PredictError naming the first local path."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    local = [p for p in (job.model, job.output, *(t.input for t in tasks)) if not p.startswith("s3://")]
+    if local:
+        raise PredictError(
+            f"{local[0]} is a local path, and the Ray cluster has {len(nodes)} nodes (each would see "
+            "its own folder): give the model, inputs and output as s3:// locations"
+        )
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The error an actor raised, out of Ray's wrappers (RayTaskError.cause, Ray Data's
+    UserCodeException with the actor's error as its __cause__)."""
+    while True:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            return error
+        error = inner
 
 
 def ray_runner(job: TagJob, workers: int, scaling: ScalingConfig) -> Callable[[TagProgress], Runner]:
@@ -163,9 +212,10 @@ def ray_runner(job: TagJob, workers: int, scaling: ScalingConfig) -> Callable[[T
             import ray
             import ray.data
 
-            from .ray_launcher import connect
+            from .ray_launcher import WORKER_ENV, connect
 
             connect()
+            _check_paths_fit_cluster(job, tasks)
             ray.data.DataContext.get_current().enable_progress_bars = False  # ours says lines/s and ETA
             gpus = scaling.gpus_per_worker or (1.0 if scaling.use_gpu else 0.0)
             size = max(1, min(workers, len(tasks)))
@@ -176,6 +226,8 @@ def ray_runner(job: TagJob, workers: int, scaling: ScalingConfig) -> Callable[[T
                 scaling.cpus_per_worker or 1,
                 gpus,
             )
+            # raytag's own switches (fault injection) travel to the actors, as to Ray Train's workers
+            env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
             items = [dataclasses.asdict(t) for t in tasks]
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 TagActor,
@@ -185,13 +237,19 @@ def ray_runner(job: TagJob, workers: int, scaling: ScalingConfig) -> Callable[[T
                 num_cpus=scaling.cpus_per_worker or 1,
                 num_gpus=gpus,
                 **({"resources": scaling.worker_resources} if scaling.worker_resources else {}),
+                **({"runtime_env": {"env_vars": env}} if env else {}),
             )
             try:
                 for row in ds.iter_rows():
-                    yield PartResult(**{k: _plain(v) for k, v in row.items()})
-            except ray.exceptions.RayTaskError as e:  # an actor's own error (a model that cannot load)
-                cause = getattr(e, "cause", None)
-                raise (cause if isinstance(cause, BaseException) else e) from None
+                    values = {k: _plain(v) for k, v in row.items()}
+                    failure, user_error = values.pop("failure"), values.pop("user_error")
+                    if user_error:
+                        raise PredictError(failure)
+                    if failure:
+                        raise ActorFailure(f"a tagging actor failed:\n{failure}")
+                    yield PartResult(**values)
+            except ray.exceptions.RayTaskError as e:  # an actor's own error: raised as itself
+                raise _root_cause(e) from None
 
         return run
 

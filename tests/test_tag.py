@@ -7,6 +7,7 @@ stitched). One Ray head (2 CPUs) and the session's S3 server serve the module.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -107,9 +108,8 @@ def test_ray_actor_pool_writes_what_in_process_writes(ray_head, aws, model, tmp_
     local = predict(*args, "--output", f"s3://{bucket}/local/")
     assert local.returncode == 0, local.stderr[-3000:]
     assert "Ray" not in local.stderr
-    on_ray = predict(
-        *args, "--output", f"s3://{bucket}/ray/", "--workers", "2", env={**ray_head.env, **aws.aws_env()}
-    )
+    env = {**ray_head.env, **aws.aws_env()}
+    on_ray = predict(*args, "--output", f"s3://{bucket}/ray/", "--workers", "2", env=env)
     assert on_ray.returncode == 0, on_ray.stderr[-3000:]
     assert "Ray Data actor pool of 2 actor(s)" in on_ray.stderr
 
@@ -135,6 +135,15 @@ def test_ray_actor_pool_writes_what_in_process_writes(ray_head, aws, model, tmp_
         (w, len(lines)) for w, lines in zip(written, parts.values(), strict=True)
     ]
     assert manifest["lines"] == sum(len(v) for v in parts.values()) and manifest["skipped"] == []
+
+    # A bad part on the actor pool: the same one line naming the object and line, nothing written for it.
+    put(aws, bucket, "bad/a.jsonl", b'{"text": "Siemens"}\n{"text": "Paris"}\n{"text": 7}\n')
+    put(aws, bucket, "bad/b.jsonl", b'{"text": "Siemens"}\n')
+    args = ["--model", f"s3://{bucket}/model", "--input", f"s3://{bucket}/bad/"]
+    bad = predict(*args, "--output", f"s3://{bucket}/bad-out/", "--workers", "2", env=env)
+    assert bad.returncode == 2 and len(errors(bad)) == 1, bad.stderr[-3000:]
+    assert f"s3://{bucket}/bad/a.jsonl:3: field 'text' is int, not text" in errors(bad)[0]
+    assert not any(k.startswith("a.jsonl") for k in objects(aws, bucket, "bad-out/"))
 
 
 def test_killed_job_reruns_to_every_line_once(aws, model, tmp_path):
@@ -218,10 +227,16 @@ def test_text_field_keeps_ids_in_jsonl_and_parquet(model, tmp_path):
     (src / "docs.jsonl").write_text(
         "\n".join([json.dumps(rows[0]), "", json.dumps(rows[1])]) + "\n", encoding="utf-8"
     )
-    pq.write_table(pa.Table.from_pylist(rows), src / "table.parquet")
+    day = datetime.date(2026, 12, 7)  # a value JSON has no type for: written as ISO 8601
+    pq.write_table(pa.Table.from_pylist([{**r, "day": day} for r in rows]), src / "table.parquet")
 
     summary = tag_corpus([str(src)], TagJob(str(model), str(tmp_path / "out"), text_field="body"))
     assert summary["parts"] == 2 and summary["lines"] == 5
+    from_parquet = records((tmp_path / "out" / "table.jsonl").read_bytes())
+    assert [(r["id"], r["day"], len(r["entities"])) for r in from_parquet] == [
+        ("doc-7", "2026-12-07", 3),
+        ("doc-8", "2026-12-07", 0),
+    ]
     recs = records((tmp_path / "out" / "docs.jsonl").read_bytes())
     assert [(r["line"], r.get("id"), r.get("body")) for r in recs] == [
         (1, "doc-7", ACCEPTANCE),
@@ -237,7 +252,10 @@ def test_text_field_keeps_ids_in_jsonl_and_parquet(model, tmp_path):
         TagJob(str(model), str(tmp_path / "pq"), output_format="parquet", text_field="body"),
     )
     table = pq.read_table(tmp_path / "pq" / "table.parquet").to_pylist()
-    assert [(r["line"], r["id"], r["year"]) for r in table] == [(1, "doc-7", 2026), (2, "doc-8", None)]
+    assert [(r["line"], r["id"], r["year"], r["day"]) for r in table] == [
+        (1, "doc-7", 2026, day),
+        (2, "doc-8", None, day),
+    ]
     assert [e["type"] for e in table[0]["entities"]] == ["PER", "LOC", "ORG"]
     assert table[0]["entities"][0] == {
         "text": "Angela Merkel",

@@ -214,7 +214,8 @@ class OutputWriter:
             if self.fmt == "parquet":
                 self._rows.append(record)
             else:
-                self.out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                line = json.dumps(record, ensure_ascii=False, default=_json_value)
+                self.out.write((line + "\n").encode("utf-8"))
 
     def _record(self, unit: Unit, entities: list[dict]) -> dict[str, Any]:
         if self.input_format == "text":
@@ -236,6 +237,18 @@ class OutputWriter:
                 part, None, f"its records do not make one Parquet table ({str(e).splitlines()[0]})"
             ) from None
         pq.write_table(table, self.out)
+
+
+def _json_value(value: Any) -> Any:
+    """A Parquet value JSON has no type for: dates and times in ISO 8601, bytes in base64, anything
+    else (a decimal) as its text."""
+    import base64
+
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
 
 
 def _parquet_schema(rows: Iterable[dict[str, Any]]):

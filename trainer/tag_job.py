@@ -165,15 +165,18 @@ def marker_key(key: str, part: str) -> str:
 
 def job_key(job: TagJob) -> str:
     """What makes two runs the same job: the model (its config.json, raytag.json and file sizes),
-    the formats and the text field. A part written under another key is not the job's."""
+    the formats and the text field. A part written under another key is not the job's. Raises
+    PredictError when the model folder (or prefix) holds no config.json."""
+    store = open_storage(job.model)
+    files = {name: size for name, size in store.list_sizes("").items() if "/" not in name}
+    if "config.json" not in files:
+        raise PredictError(f"{job.model}: not a model folder (no config.json)")
     h = hashlib.sha256()
     h.update(json.dumps([job.input_format, job.output_format, job.text_field]).encode())
-    store = open_storage(job.model)
-    for name, size in store.list_sizes("").items():
-        if "/" not in name:
-            h.update(f"{name}:{size}\n".encode())
-            if name in ("config.json", "raytag.json"):
-                h.update(store.get_bytes(name) or b"")
+    for name, size in files.items():
+        h.update(f"{name}:{size}\n".encode())
+        if name in ("config.json", "raytag.json"):
+            h.update(store.get_bytes(name) or b"")
     return h.hexdigest()[:16]
 
 
