@@ -82,8 +82,9 @@ def predict_parser() -> argparse.ArgumentParser:
         "probability of the entity's predicted tags.\nJSON Lines and Parquet input: the record's own "
         "fields in place of text (an id goes through). A corpus output holds one part per input part "
         "and MANIFEST.json (the parts and their line counts), written last.\n"
-        "Ray placement: scaling.cpus_per_worker, scaling.gpus_per_worker, scaling.use_gpu, "
-        "scaling.worker_resources, scaling.num_workers (as --workers).",
+        "Ray placement: scaling.KEY=VALUE among or after the inputs (scaling.cpus_per_worker, "
+        "scaling.gpus_per_worker, scaling.use_gpu, scaling.worker_resources, scaling.num_workers "
+        "as --workers).",
     )
     p.add_argument(
         "--model", required=True, help="an exported model folder (<run>/model), or an s3:// prefix"

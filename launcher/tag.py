@@ -65,7 +65,9 @@ def predict_command(args: argparse.Namespace) -> int:
         raise PredictError(f"--workers {args.workers}: expected 1 or more")
     if args.batch_tokens is not None and args.batch_tokens < 16:
         raise PredictError(f"--batch-tokens {args.batch_tokens}: expected 16 or more")
-    if one_file(inputs, args.output) and not overrides and args.workers is None:
+    if one_file(inputs, args.output):
+        if args.workers is not None or overrides:
+            log.warning("one input file to one output file is one part: tagged in this process, not on Ray")
         return _one_file(args, inputs[0])
     if args.output == "-":
         raise PredictError(
@@ -82,6 +84,8 @@ def predict_command(args: argparse.Namespace) -> int:
         skip_bad_parts=args.skip_bad_parts,
     )
     from raytag.trainer.tag_job import summary_line, tag_corpus
+
+    from .dispatch import _ray_cluster_reachable
 
     on_ray = args.workers is not None or bool(overrides) or _ray_cluster_reachable()
     runner = None
@@ -122,10 +126,6 @@ def _absolute(path: str) -> str:
     if path.startswith("s3://") or path == "-":
         return path
     return str(Path(path).expanduser().resolve())
-
-
-def _ray_cluster_reachable() -> bool:
-    return bool(os.environ.get("RAY_ADDRESS")) or bool(os.environ.get("RAY_JOB_ID"))
 
 
 # ------------------------------------------------------------------------------ Ray Data actors
