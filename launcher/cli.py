@@ -23,8 +23,9 @@ DEMO_CONFIG = "builtin:demo.yaml"
 
 USAGE = """python trainer/main.py [--config FILE] [dotted.key=value ...]
        python trainer/main.py prepare [--config FILE] [--rebuild] [--executor E] [dotted.key=value ...]
-       python trainer/main.py predict --model DIR --input FILE [--format conll|text]
-                                      [--output-format conll|entities] [--output FILE]
+       python trainer/main.py predict --model DIR --input PATH [PATH ...] [--format text|jsonl|parquet|conll]
+                                      [--output-format entities|parquet|conll] [--output FILE|FOLDER]
+                                      [--workers N] [--skip-bad-parts] [scaling.KEY=VALUE ...]
        python trainer/main.py sweep [--config FILE] [--samples N] sweep.KEY=[v1,v2,...] [dotted.key=value ...]
        python trainer/main.py report RUN [--output FILE.html]"""
 
@@ -70,31 +71,69 @@ def build_parser() -> argparse.ArgumentParser:
 def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trainer/main.py predict",
-        description="Tag text with an exported model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tag text with an exported model: one file into one file, or a corpus (a folder, "
+        "glob, s3:// prefix or several of these) into one output part per input part, in this process "
+        "or on a Ray Data actor pool (--workers N, or under `ray job submit`). A corpus job killed "
+        "and run again skips the parts already written.",
         epilog="--output-format entities writes one JSON object per input line (blank lines included): "
-        '{"line": N, "text": LINE, "entities": [{"text", "type", "start", "end", "score"}, ...]}; '
+        '{"line": N, "text": LINE, "entities": [{"text", "type", "start", "end", "score"}, ...]};\n'
         "start and end are character offsets into LINE (text == LINE[start:end]), score the mean "
-        "probability of the entity's predicted tags.",
+        "probability of the entity's predicted tags.\nJSON Lines and Parquet input: the record's own "
+        "fields in place of text (an id goes through). A corpus output holds one part per input part "
+        "and MANIFEST.json (the parts and their line counts), written last.\n"
+        "Ray placement: scaling.KEY=VALUE among or after the inputs (scaling.cpus_per_worker, "
+        "scaling.gpus_per_worker, scaling.use_gpu, scaling.worker_resources, scaling.num_workers "
+        "as --workers).",
     )
-    p.add_argument("--model", required=True, help="an exported model folder (<run>/model)")
     p.add_argument(
-        "--input", required=True, help="CoNLL file (1 column, or gold tags last) or text ('-': stdin)"
+        "--model", required=True, help="an exported model folder (<run>/model), or an s3:// prefix"
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="files, folders, globs, s3:// prefixes or globs ('-': stdin); one output part per file",
     )
     p.add_argument(
         "--format",
-        choices=["conll", "text"],
-        default="conll",
-        help="conll: one word per line, blank line between sentences; text: one sentence per line, "
-        "split into words as CoNLL writes them (punctuation apart: 'Siemens.' -> 'Siemens' '.')",
+        choices=["text", "jsonl", "parquet", "conll"],
+        default=None,
+        help="text: one unit a line, split into words as CoNLL writes them (punctuation apart: "
+        "'Siemens.' -> 'Siemens' '.'); jsonl: one JSON object a line, the text in --text-field; "
+        "parquet: the text in column --text-field; conll: one word a line, a blank line between "
+        "sentences (default: from the name: .jsonl/.json/.ndjson, .parquet, else conll)",
+    )
+    p.add_argument(
+        "--text-field", default="text", help="jsonl/parquet: the field holding the text (default text)"
     )
     p.add_argument(
         "--output-format",
-        choices=["conll", "entities"],
-        default="conll",
-        help="conll: `word [gold] predicted` columns; entities (with --format text): JSON lines of "
-        "entities with character offsets",
+        choices=["entities", "parquet", "conll"],
+        default=None,
+        help="entities: JSON Lines of entities with character offsets (default for text, jsonl, "
+        "parquet input); parquet: the same as Parquet; conll: `word [gold] predicted` columns "
+        "(default for CoNLL input)",
     )
-    p.add_argument("--output", default="-", help="where to write the output (default stdout)")
+    p.add_argument(
+        "--output",
+        default="-",
+        help="one input file: a file (default stdout); a corpus: a folder or an s3:// prefix",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="tag on Ray with N actors, one model replica each"
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per forward pass (default 2048; a GPU wants more)",
+    )
+    p.add_argument(
+        "--skip-bad-parts",
+        action="store_true",
+        help="a part that cannot be read or parsed is listed and skipped (default: the job stops on it)",
+    )
     return p
 
 
@@ -165,19 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "predict":
             args = predict_parser().parse_args(argv[1:])
-            from raytag.trainer.predict import predict
+            from .tag import predict_command
 
-            scores = predict(
-                args.model, args.input, args.output, args.format, output_format=args.output_format
-            )
-            if scores:
-                log.info(
-                    "entity F1 %.4f precision %.4f recall %.4f (against the input's tags)",
-                    scores["f1"],
-                    scores["precision"],
-                    scores["recall"],
-                )
-            return 0
+            return predict_command(args)
         if argv and argv[0] == "report":
             args = report_parser().parse_args(argv[1:])
             from raytag.trainer.report import report

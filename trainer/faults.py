@@ -11,7 +11,7 @@ from pathlib import Path
 log = logging.getLogger("raytag")
 
 FAULT_MODES = ("exit", "raise", "kill", "term")
-FAULT_POINTS = ("step", "eval", "save")
+FAULT_POINTS = ("step", "eval", "save", "part")
 
 
 def inject_fault(rank: int, step: int, point: str) -> None:
@@ -19,7 +19,9 @@ def inject_fault(rank: int, step: int, point: str) -> None:
     fail once (the marker file records it), at STEP's POINT:
 
     - POINT `step` (default): the start of that optimizer step; `eval`: the start of the evaluation
-      after it; `save`: right after its checkpoint is written locally and its upload has begun.
+      after it; `save`: right after its checkpoint is written locally and its upload has begun;
+      `part` (predict): STEP is a part's index, and the fault comes once that part's records are in
+      its temporary file, before the file is made visible.
     - MODE `exit` (default): the process exits at once (`os._exit`, no cleanup); `kill`: it sends
       itself SIGKILL; `term`: it sends itself SIGTERM (a stop request, handled as from outside);
       `raise`: it raises (an error on one rank only).

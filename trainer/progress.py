@@ -91,6 +91,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def terminal_bar(**tqdm_args: Any) -> tuple[Any, Any]:
+    """A tqdm bar on stderr with log lines printed above it, not through it (checkpoint uploads, a
+    Ray actor's lines); returns the bar and the redirect to `__exit__` when done."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    bar = tqdm(**tqdm_args)
+    root = logging.getLogger()
+    filters = [f for h in root.handlers for f in h.filters]  # e.g. the secret-redacting filter
+    redirect = logging_redirect_tqdm()
+    redirect.__enter__()
+    for handler in root.handlers:
+        for flt in filters:
+            if flt not in handler.filters:
+                handler.addFilter(flt)
+    return bar, redirect
+
+
 class ProgressView:
     """A progress bar (loss, tokens/s, ETA) on a terminal; plain log lines otherwise."""
 
@@ -100,19 +118,9 @@ class ProgressView:
         self.started = time.monotonic()
         self.initial = initial
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
-            # Log lines (checkpoint uploads run in another thread) print above the bar, not through it.
-            root = logging.getLogger()
-            filters = [f for h in root.handlers for f in h.filters]  # e.g. the secret-redacting filter
-            self._redirect = logging_redirect_tqdm()
-            self._redirect.__enter__()
-            for handler in root.handlers:
-                for flt in filters:
-                    if flt not in handler.filters:
-                        handler.addFilter(flt)
+            self.bar, self._redirect = terminal_bar(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train"
+            )
 
     def update(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
         if not self.enabled:
@@ -151,6 +159,78 @@ class ProgressView:
             self.bar.write(msg)
         else:
             log.info("%s", msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
+            self.bar.close()
+
+
+class TagProgress:
+    """What the user sees while `predict` tags a corpus: on a terminal a bar (input bytes done, lines
+    per second, the ETA), else a log line every 10 s and one per finished part (a Ray driver's
+    view: it hears of whole parts). The ETA follows the input bytes still to tag."""
+
+    def __init__(self, parts: int, total_bytes: int, resumed: int = 0) -> None:
+        self.parts, self.total_bytes, self.resumed = parts, total_bytes, resumed
+        self.lines = 0
+        self.finished = 0
+        self.done_bytes = 0.0
+        self.started = time.monotonic()
+        self._last = self.started
+        self._part_bytes = 0.0  # what `advance` counted of the part in progress (in-process)
+        self._part_lines = 0
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            self.bar, self._redirect = terminal_bar(
+                total=max(1, total_bytes),
+                dynamic_ncols=True,
+                bar_format="tag {percentage:3.0f}%|{bar}| ETA {remaining}{postfix}",
+                postfix=f"{resumed}/{parts} parts",
+            )
+
+    def advance(self, lines: int, nbytes: float) -> None:
+        """`lines` more tagged, `nbytes` of their part's input (in-process, after each chunk)."""
+        self.lines += lines
+        self._part_lines += lines
+        self._part_bytes += nbytes
+        self._show(nbytes, None)
+
+    def part_done(self, input_bytes: int, lines: int, what: str) -> None:
+        """A part of `input_bytes` finished with `lines` (`what`: its name and outcome, for the log)."""
+        self.finished += 1
+        self.lines += lines - self._part_lines
+        rest = input_bytes - self._part_bytes
+        self._part_bytes, self._part_lines = 0.0, 0
+        self._show(rest, what)
+
+    def _show(self, nbytes: float, what: str | None) -> None:
+        self.done_bytes += nbytes
+        now = time.monotonic()
+        rate = self.lines / max(1e-9, now - self.started)
+        done = f"{self.resumed + self.finished}/{self.parts} parts"
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{done}, {rate:,.0f} lines/s", refresh=False)
+            return
+        if what is None and now - self._last < 10:
+            return
+        self._last = now
+        log.info(
+            "%s%s, %s lines, %s lines/s, ETA %s",
+            f"{what}; " if what else "",
+            done,
+            f"{self.lines:,}",
+            f"{rate:,.0f}",
+            self.eta(),
+        )
+
+    def eta(self) -> str:
+        """The time left at the input bytes' rate so far ('?' before any)."""
+        if not self.done_bytes:
+            return "?"
+        elapsed = time.monotonic() - self.started
+        return _fmt_eta(elapsed / self.done_bytes * max(0.0, self.total_bytes - self.done_bytes))
 
     def close(self) -> None:
         if self.bar is not None:

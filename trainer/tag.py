@@ -1,0 +1,160 @@
+"""An exported model ready to tag text: loaded once, then given batches of lines or sentences.
+
+`Tagger` is what every `predict` runs, whether it tags one file in this process or a corpus on a
+Ray actor pool (one Tagger per actor): sentences are tokenised in one batched call, long ones cut
+into the training windows (trainer/features.py), the windows sorted into length-grouped batches
+under a token budget (trainer/batching.py), and each batch run under `torch.inference_mode` in the
+precision the run evaluated in (bf16 where the CPU or GPU computes it natively). Each word's tag
+is read at its first sub-token, from the window that owns it, as training's evaluation reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+log = logging.getLogger("raytag")
+
+# Padded tokens per forward pass. Smaller batches keep a layer's activations in the core's cache:
+# CPU seconds for 1000 CoNLL-2003 test sentences on the offline encoder (12 layers, 384 wide, bf16
+# autocast, 1 thread, two rounds each): 1024 tokens 6.2-7.3, 2048 6.8-7.5, 4096 7.2-8.7, 8192
+# 10.0-11.8, 16384 (predict's budget before) 11.5-12.1. A GPU wants more (--batch-tokens).
+BATCH_TOKENS = 2048
+MAX_BATCH_SENTENCES = 1024
+
+
+def inference_precision(meta: dict, device: torch.device) -> str:
+    """The precision to tag in: the run's own (raytag.json's `precision`), as training decided it;
+    for a model without one, what training would decide here (`resolve_precision("auto")`: bf16
+    on GPUs and CPUs that compute it natively, fp16 on older GPUs, else fp32). bf16 asked of a
+    device without native bf16 falls back to fp32, as training's `auto` would."""
+    import torch
+
+    from .engine import cpu_has_bf16, resolve_precision
+
+    on_gpu = device.type == "cuda"
+    precision = meta.get("precision") or resolve_precision("auto", on_gpu)
+    if precision == "bf16":
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if on_gpu else cpu_has_bf16()
+        return "bf16" if native else "fp32"
+    if precision == "fp16" and not on_gpu:
+        return "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """torch.autocast for `precision` ('bf16', 'fp16') on `device`, or a no-op for fp32."""
+    from contextlib import nullcontext
+
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtypes[precision])
+
+
+class Tagger:
+    """An exported model (a raytag `model/` folder or any Hugging Face token-classification folder)
+    loaded once, on the GPU when one is visible, else on the CPU.
+
+    `tag_words` gives tags per word of pre-split sentences; `entities` gives the entities of raw
+    text lines with character offsets. Raises FileNotFoundError for a folder without a model.
+    """
+
+    def __init__(self, model_dir: str, batch_tokens: int = BATCH_TOKENS, device: str | None = None):
+        import torch
+
+        from .predict import load_exported
+
+        self.model, self.tokenizer, self.meta = load_exported(model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self.precision = inference_precision(self.meta, self.device)
+        self.batch_tokens = batch_tokens
+        config = self.model.config
+        self.labels = [config.id2label[i] for i in range(len(config.id2label))]
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def describe(self) -> str:
+        """One phrase for the log: device, precision, window and batch settings."""
+        return (
+            f"{self.device.type}, {self.precision}, windows of {self.meta.get('max_length') or 'the model'}"
+            f" tokens, batches of {self.batch_tokens} tokens"
+        )
+
+    def tag_words(
+        self, sentences: Sequence[Sequence[str]], with_probs: bool = False
+    ) -> tuple[list[list[str]], list[np.ndarray] | None]:
+        """The predicted tag of every word of every sentence and, with `with_probs`, each word's
+        probability of its tag (at its first sub-token, where the tag is read)."""
+        from .features import encode, stitch
+
+        enc = encode(
+            sentences, None, self.tokenizer, None, self.meta.get("max_length"), self.meta.get("stride", 64)
+        )
+        preds, probs = self._run(enc.windows, with_probs)
+        tags = [[self.labels[int(t)] for t in arr] for arr in stitch(enc, preds)]
+        return tags, (stitch(enc, probs) if probs is not None else None)
+
+    def entities(self, lines: Sequence[str]) -> list[list[dict]]:
+        """The entities of each line, split into words as CoNLL writes them (trainer/words.py):
+        `{"text", "type", "start", "end", "score"}` with `line[start:end] == text`; a line without
+        words has none."""
+        from .predict import line_entities
+        from .words import word_spans
+
+        spans = [word_spans(line) for line in lines]
+        words = [[line[a:b] for a, b in sp] for line, sp in zip(lines, spans, strict=True) if sp]
+        tags, probs = self.tag_words(words, with_probs=True)
+        assert probs is not None
+        tagged = iter(zip(tags, probs, strict=True))
+        return [
+            line_entities(line, sp, *next(tagged)) if sp else []
+            for line, sp in zip(lines, spans, strict=True)
+        ]
+
+    def _run(self, windows, with_probs: bool) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Per window: the label id of each owned word and (`with_probs`) its probability."""
+        import numpy as np
+        import torch
+
+        from .batching import plan_batches
+        from .evaluate import collate
+
+        preds: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(windows)
+        probs: list[np.ndarray] | None = (
+            [np.empty(0, dtype=np.float32)] * len(windows) if with_probs else None
+        )
+        lengths = [len(w) for w in windows]
+        batches = plan_batches(
+            lengths, self.batch_tokens, MAX_BATCH_SENTENCES, seed=0, epoch=0, shuffle=False
+        )
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            for idx in batches:
+                batch = collate(windows, idx, self.pad_id, self.device)
+                batch.pop("labels")
+                logits = self.model(**batch).logits
+                # Only the owned words' first sub-tokens are read: softmax over those rows alone.
+                rows = np.concatenate([np.full(len(windows[i].positions), r) for r, i in enumerate(idx)])
+                cols = np.concatenate([windows[i].positions for i in idx])
+                at = (
+                    torch.from_numpy(rows).to(logits.device),
+                    torch.from_numpy(cols.astype(np.int64)).to(logits.device),
+                )
+                picked = logits[at].float()
+                top, best = picked.softmax(-1).max(-1)
+                best_np, top_np = best.cpu().numpy(), top.cpu().numpy()
+                start = 0
+                for i in idx:
+                    end = start + len(windows[i].positions)
+                    preds[i] = best_np[start:end]
+                    if probs is not None:
+                        probs[i] = top_np[start:end]
+                    start = end
+        return preds, probs
