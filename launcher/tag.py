@@ -229,6 +229,11 @@ def ray_runner(job: TagJob, workers: int, scaling: ScalingConfig) -> Callable[[T
             # raytag's own switches (fault injection) travel to the actors, as to Ray Train's workers
             env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
             items = [dataclasses.asdict(t) for t in tasks]
+            extra: dict[str, Any] = {}
+            if scaling.worker_resources:
+                extra["resources"] = scaling.worker_resources
+            if env:
+                extra["runtime_env"] = {"env_vars": env}
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 TagActor,
                 fn_constructor_kwargs={"job": job},
@@ -236,8 +241,7 @@ def ray_runner(job: TagJob, workers: int, scaling: ScalingConfig) -> Callable[[T
                 compute=ray.data.ActorPoolStrategy(size=size),
                 num_cpus=scaling.cpus_per_worker or 1,
                 num_gpus=gpus,
-                **({"resources": scaling.worker_resources} if scaling.worker_resources else {}),
-                **({"runtime_env": {"env_vars": env}} if env else {}),
+                **extra,
             )
             try:
                 for row in ds.iter_rows():
