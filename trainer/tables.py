@@ -290,8 +290,8 @@ def _batches(
             pf = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
             schema = pf.schema_arrow
             _require(schema.names, wanted, name)
-            batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted, use_threads=False)
-            return batches, _hf_features(schema)
+            parts = pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted, use_threads=False)
+            return parts, _hf_features(schema)
         if fmt == "arrow":
             try:
                 reader = pa.ipc.open_stream(pa.BufferReader(data))  # what save_to_disk writes
