@@ -369,6 +369,8 @@ def test_predict_cli_tags_conll_and_text(demo_run, tmp_path):
         str(tmp_path / "in.txt"),
         "--format",
         "text",
+        "--output-format",
+        "conll",  # text input writes entities by default
         "--output",
         str(out),
         timeout=300,
