@@ -226,18 +226,20 @@ def ray_runner(job: TagJob, workers: int, scaling: ScalingConfig) -> Callable[[T
                 scaling.cpus_per_worker or 1,
                 gpus,
             )
+            remote: dict[str, Any] = {"num_cpus": scaling.cpus_per_worker or 1, "num_gpus": gpus}
+            if scaling.worker_resources:
+                remote["resources"] = scaling.worker_resources
             # raytag's own switches (fault injection) travel to the actors, as to Ray Train's workers
             env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+            if env:
+                remote["runtime_env"] = {"env_vars": env}
             items = [dataclasses.asdict(t) for t in tasks]
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 TagActor,
                 fn_constructor_kwargs={"job": job},
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=size),
-                num_cpus=scaling.cpus_per_worker or 1,
-                num_gpus=gpus,
-                **({"resources": scaling.worker_resources} if scaling.worker_resources else {}),
-                **({"runtime_env": {"env_vars": env}} if env else {}),
+                **remote,
             )
             try:
                 for row in ds.iter_rows():

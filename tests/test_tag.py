@@ -291,20 +291,23 @@ def test_part_names_and_refusals(model, tmp_path):
 
 
 @pytest.mark.shared
-def test_exported_tokenizer_loads_as_autotokenizer_builds_it(tmp_path):
-    """predict loads a raytag export's tokenizer.json as it is (fast); it splits and numbers text
-    exactly as AutoTokenizer, which training used, does."""
+def test_exported_tokenizer_and_encoder_give_what_transformers_gives(tmp_path):
+    """predict runs a raytag export of a BERT-family model without transformers: its tokenizer.json
+    read with the tokenizers library splits and numbers text exactly as AutoTokenizer (which
+    training used) does, and trainer/encoder.py's logits are transformers' own, bit for bit, for
+    XLM-R (positions after the pad id) and BERT, eager and sdpa attention, fp32 and bf16 autocast,
+    with and without padding."""
     if not SHARED_TOKENIZER.exists():
         pytest.skip(f"{SHARED_TOKENIZER} not present: XLM-R's tokenizer comes from ../shared")
-    from raytag.trainer.predict import load_export_tokenizer
+    import torch
+    from transformers import AutoModelForTokenClassification, BertConfig, XLMRobertaConfig
+
+    from raytag.trainer import encoder
     from raytag.trainer.words import split_words
 
     auto = AutoTokenizer.from_pretrained(str(SHARED_TOKENIZER))
     auto.save_pretrained(tmp_path)
-    fast = load_export_tokenizer(tmp_path, raytag_export=True)
-    from transformers import PreTrainedTokenizerFast
-
-    assert type(fast) is PreTrainedTokenizerFast and type(auto) is not PreTrainedTokenizerFast
+    ours = encoder.ExportTokenizer(tmp_path)
     lines = [
         ACCEPTANCE,
         "«Siemens» в Москве, — сказал он.",
@@ -314,16 +317,41 @@ def test_exported_tokenizer_loads_as_autotokenizer_builds_it(tmp_path):
     ]
     words = [split_words(line) for line in lines]
     a = auto(words, is_split_into_words=True, add_special_tokens=False)
-    b = fast(words, is_split_into_words=True, add_special_tokens=False)
+    b = ours(words, is_split_into_words=True, add_special_tokens=False)
     assert a["input_ids"] == b["input_ids"]
     assert all(a.word_ids(i) == b.word_ids(i) for i in range(len(words)))
-    probe = ["a"]  # the special tokens around a sentence (features.window_budget reads them so)
-    assert (
-        auto(probe, is_split_into_words=True)["input_ids"]
-        == fast(probe, is_split_into_words=True)["input_ids"]
-    )
+    probe = ["a"]  # one sentence with its special tokens, as features.window_budget reads them
+    one_a, one_b = auto(probe, is_split_into_words=True), ours(probe, is_split_into_words=True)
+    assert one_a["input_ids"] == one_b["input_ids"] and one_a.word_ids() == one_b.word_ids()
     assert (auto.pad_token_id, auto.unk_token_id, auto.model_max_length) == (
-        fast.pad_token_id,
-        fast.unk_token_id,
-        fast.model_max_length,
+        ours.pad_token_id,
+        ours.unk_token_id,
+        ours.model_max_length,
     )
+
+    padded = auto(words, is_split_into_words=True, padding=True, return_tensors="pt")
+    ids, mask = padded["input_ids"], padded["attention_mask"]
+    small = {"vocab_size": len(auto), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    small |= {"intermediate_size": 64, "num_labels": 5, "pad_token_id": auto.pad_token_id}
+    for kind, config in (("xlm-roberta", XLMRobertaConfig(**small)), ("bert", BertConfig(**small))):
+        for attention in ("eager", "sdpa"):
+            torch.manual_seed(0)
+            config._attn_implementation = attention
+            folder = tmp_path / f"{kind}-{attention}"
+            AutoModelForTokenClassification.from_config(config).save_pretrained(folder)
+            theirs = AutoModelForTokenClassification.from_pretrained(
+                folder, attn_implementation=attention
+            ).eval()
+            lean = encoder.load(folder, attention)
+            assert lean is not None, kind
+            for bf16 in (False, True):
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    for i, m in (
+                        (ids, mask),
+                        (ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())]),
+                    ):
+                        assert torch.equal(theirs(input_ids=i, attention_mask=m).logits, lean.logits(i, m)), (
+                            kind,
+                            attention,
+                            bf16,
+                        )
