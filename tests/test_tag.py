@@ -356,10 +356,11 @@ def test_exported_tokenizer_and_encoder_give_what_transformers_gives(tmp_path):
                             attention,
                             bf16,
                         )
-                    # Unpadded, as predict runs it: the same logits at every real token (to rounding:
-                    # the linear layers see other matrix shapes).
+                    # Unpadded, as predict runs it: the same logits at the real tokens asked for (to
+                    # rounding: the linear layers see other matrix shapes).
                     padded_logits = lean.logits(ids, mask)[mask.bool()]
                     seqs = [row[: int(n)].numpy() for row, n in zip(ids, mask.sum(1), strict=True)]
-                    packed = lean.packed_logits(seqs, np.arange(int(mask.sum())))
+                    every_other = np.arange(0, int(mask.sum()), 2)  # rows asked for: the others are cut early
+                    packed = lean.packed_logits(seqs, every_other)
                     tolerance = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
-                    torch.testing.assert_close(packed, padded_logits, **tolerance)
+                    torch.testing.assert_close(packed, padded_logits[every_other], **tolerance)

@@ -103,7 +103,9 @@ class TokenClassifier:
         end. The same model as `logits` on the sequences padded to the longest, but its linear layers
         run on the real tokens alone: length-grouped batches of short sentences still pad 10-15% (a
         batch spans lengths 8 to 11), and those layers are three quarters of the time. Only attention
-        sees the padded layout. The values agree with `logits` to rounding (other matrix shapes)."""
+        sees the padded layout, and after the last attention only the rows asked for go on (the
+        output projection and feed-forward of the other tokens change no logit asked for). The
+        values agree with `logits` to rounding (other matrix shapes)."""
         w, device = self.w, self.w["classifier.weight"].device
         lengths = np.array([len(s) for s in sequences])
         batch, longest = len(lengths), int(lengths.max())
@@ -117,6 +119,7 @@ class TokenClassifier:
         else:
             positions = within
         slot = torch.from_numpy(np.repeat(np.arange(batch) * longest, lengths) + within).to(device)
+        picked = torch.from_numpy(rows.astype(np.int64)).to(device)
         ids = torch.from_numpy(ids_np).to(device)
         x = F.embedding(ids, w["embeddings.word_embeddings.weight"])
         x = x + F.embedding(torch.zeros_like(ids), w["embeddings.token_type_embeddings.weight"])
@@ -147,14 +150,14 @@ class TokenClassifier:
                     scores = scores + bias
                 context = torch.matmul(F.softmax(scores, dim=-1), v)
             context = context.transpose(1, 2).reshape(batch * longest, -1).index_select(0, slot)
+            if i == self.layers - 1:  # past the last attention only the rows asked for are needed
+                context, x = context.index_select(0, picked), x.index_select(0, picked)
             x = self._norm(
                 self._linear(context, p + "attention.output.dense") + x, p + "attention.output.LayerNorm"
             )
             inner = F.gelu(self._linear(x, p + "intermediate.dense"))
             x = self._norm(self._linear(inner, p + "output.dense") + x, p + "output.LayerNorm")
-        return self._linear(
-            x.index_select(0, torch.from_numpy(rows.astype(np.int64)).to(device)), "classifier"
-        )
+        return self._linear(x if self.layers else x.index_select(0, picked), "classifier")
 
 
 def load(model_dir: str | Path, attention: str = "eager") -> TokenClassifier | None:
