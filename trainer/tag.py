@@ -82,27 +82,32 @@ class Tagger:
         folder = Path(model_dir)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        self.meta = (
-            json.loads((folder / "raytag.json").read_text()) if (folder / "raytag.json").exists() else {}
-        )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tokenizer_files = all((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        lean = None
-        if self.meta and tokenizer_files:
-            # transformers' default kernel for BERT-family models is sdpa; a raytag export names its own
-            lean = encoder.load(folder, self.meta.get("attention") or "sdpa")
-        self.encoder = lean.to(self.device) if lean is not None else None
-        self._hf: Any = None
-        if lean is not None:
-            self.tokenizer: Any = encoder.ExportTokenizer(folder)
-            self.engine = "raytag's encoder"
-        else:
-            from .predict import load_exported
+        try:  # a broken file in the folder (a truncated download, bad JSON) is the user's to mend
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            meta_file = folder / "raytag.json"
+            self.meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+            tokenizer_files = all((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+            lean = None
+            if self.meta and tokenizer_files:
+                # transformers' default kernel for BERT-family models is sdpa; a raytag export names its own
+                lean = encoder.load(folder, self.meta.get("attention") or "sdpa")
+            self.encoder = lean.to(self.device) if lean is not None else None
+            self._hf: Any = None
+            if lean is not None:
+                self.tokenizer: Any = encoder.ExportTokenizer(folder)
+                self.engine = "raytag's encoder"
+            else:
+                from .predict import load_exported
 
-            self._hf, self.tokenizer, _ = load_exported(model_dir)
-            self._hf.to(self.device)
-            self.engine = "transformers"
+                self._hf, self.tokenizer, _ = load_exported(model_dir)
+                self._hf.to(self.device)
+                self.engine = "transformers"
+        except Exception as e:
+            from .predict import PredictError
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise PredictError(f"{model_dir}: cannot load the model ({type(e).__name__}: {first})") from e
         self.threads = torch.get_num_threads() if self.device.type == "cpu" else 1
         self.precision = inference_precision(self.meta, self.device)
         self.batch_tokens = batch_tokens
