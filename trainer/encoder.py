@@ -241,12 +241,14 @@ class _Encoded:
 
     def __init__(self, encodings: list, single: bool) -> None:
         self._encodings, self._single = encodings, single
+        self._ids: list[list[int]] | None = None
 
     def __getitem__(self, key: str) -> Any:
         if key != "input_ids":
             raise KeyError(key)
-        ids = [e.ids for e in self._encodings]
-        return ids[0] if self._single else ids
+        if self._ids is None:  # once: encode reads it sentence by sentence
+            self._ids = [e.ids for e in self._encodings]
+        return self._ids[0] if self._single else self._ids
 
     def word_ids(self, index: int = 0) -> list[int | None]:
         return self._encodings[index].word_ids
