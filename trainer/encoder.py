@@ -55,27 +55,49 @@ class TokenClassifier:
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.eps)
 
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Word + token type (0), then + position embeddings, normalised (transformers' order)."""
+        w = self.w
+        x = F.embedding(ids, w["embeddings.word_embeddings.weight"])
+        x = x + F.embedding(torch.zeros_like(ids), w["embeddings.token_type_embeddings.weight"])
+        x = x + F.embedding(positions, w["embeddings.position_embeddings.weight"])
+        return self._norm(x, "embeddings.LayerNorm")
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of [batch, heads, length, head] queries; `keep` ([batch, 1, 1, length], None
+        without padding) masks padded keys as transformers does: for sdpa the boolean mask itself,
+        for eager 0 / the dtype's minimum added to the scores (in the embeddings' dtype)."""
+        scale = q.shape[-1] ** -0.5
+        if self.sdpa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        if keep is not None:
+            dtype = self.w["embeddings.LayerNorm.weight"].dtype
+            zero = torch.zeros((), device=q.device, dtype=dtype)
+            scores = scores + torch.where(keep, zero, torch.finfo(dtype).min)
+        return torch.matmul(F.softmax(scores, dim=-1), v)
+
+    def _feed_forward(self, x: torch.Tensor, context: torch.Tensor, p: str) -> torch.Tensor:
+        """A layer past its attention: output projection + residual + LayerNorm, GELU feed-forward +
+        residual + LayerNorm."""
+        x = self._norm(
+            self._linear(context, p + "attention.output.dense") + x, p + "attention.output.LayerNorm"
+        )
+        inner = F.gelu(self._linear(x, p + "intermediate.dense"))
+        return self._norm(self._linear(inner, p + "output.dense") + x, p + "output.LayerNorm")
+
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits per token ([batch, length, labels]) of padded `input_ids` (mask 1 on real tokens)."""
-        w = self.w
         batch, length = input_ids.shape
         if self.roberta:  # RoBERTa's create_position_ids_from_input_ids
             real = input_ids.ne(self.pad).int()
             positions = (torch.cumsum(real, dim=1).type_as(real) * real).long() + self.pad
         else:
             positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
-        types = torch.zeros_like(input_ids)
-        x = F.embedding(input_ids, w["embeddings.word_embeddings.weight"])
-        x = x + F.embedding(types, w["embeddings.token_type_embeddings.weight"])
-        x = x + F.embedding(positions, w["embeddings.position_embeddings.weight"])
-        x = self._norm(x, "embeddings.LayerNorm")
-        # transformers' bidirectional mask: none without padding; else for eager 0 / the dtype's
-        # minimum, added to the scores, for sdpa the boolean mask itself
+        x = self._embed(input_ids, positions)
         keep = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
-        bias = None
-        if keep is not None and not self.sdpa:
-            zero = torch.zeros((), device=x.device, dtype=x.dtype)
-            bias = torch.where(keep, zero, torch.finfo(x.dtype).min)
         head = x.shape[-1] // self.heads
         for i in range(self.layers):
             p = f"encoder.layer.{i}."
@@ -83,19 +105,8 @@ class TokenClassifier:
                 self._linear(x, p + f"attention.self.{n}").view(batch, length, -1, head).transpose(1, 2)
                 for n in ("query", "key", "value")
             )
-            if self.sdpa:
-                context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=head**-0.5)
-            else:
-                scores = torch.matmul(q, k.transpose(2, 3)) * head**-0.5
-                if bias is not None:
-                    scores = scores + bias
-                context = torch.matmul(F.softmax(scores, dim=-1), v)
-            context = context.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
-            x = self._norm(
-                self._linear(context, p + "attention.output.dense") + x, p + "attention.output.LayerNorm"
-            )
-            inner = F.gelu(self._linear(x, p + "intermediate.dense"))
-            x = self._norm(self._linear(inner, p + "output.dense") + x, p + "output.LayerNorm")
+            context = self._attend(q, k, v, keep).transpose(1, 2).contiguous().reshape(batch, length, -1)
+            x = self._feed_forward(x, context.contiguous(), p)
         return self._linear(x, "classifier")
 
     def packed_logits(self, sequences: Sequence[np.ndarray], rows: np.ndarray) -> torch.Tensor:
@@ -106,7 +117,7 @@ class TokenClassifier:
         sees the padded layout, and after the last attention only the rows asked for go on (the
         output projection and feed-forward of the other tokens change no logit asked for). The
         values agree with `logits` to rounding (other matrix shapes)."""
-        w, device = self.w, self.w["classifier.weight"].device
+        device = self.w["classifier.weight"].device
         lengths = np.array([len(s) for s in sequences])
         batch, longest = len(lengths), int(lengths.max())
         ids_np = np.concatenate(sequences).astype(np.int64)
@@ -120,19 +131,10 @@ class TokenClassifier:
             positions = within
         slot = torch.from_numpy(np.repeat(np.arange(batch) * longest, lengths) + within).to(device)
         picked = torch.from_numpy(rows.astype(np.int64)).to(device)
-        ids = torch.from_numpy(ids_np).to(device)
-        x = F.embedding(ids, w["embeddings.word_embeddings.weight"])
-        x = x + F.embedding(torch.zeros_like(ids), w["embeddings.token_type_embeddings.weight"])
-        x = x + F.embedding(
-            torch.from_numpy(positions).to(device), w["embeddings.position_embeddings.weight"]
-        )
-        x = self._norm(x, "embeddings.LayerNorm")
+        x = self._embed(torch.from_numpy(ids_np).to(device), torch.from_numpy(positions).to(device))
         keep = None
         if (lengths < longest).any():
             keep = (torch.arange(longest) < torch.from_numpy(lengths)[:, None]).to(device)[:, None, None, :]
-        bias = None
-        if keep is not None and not self.sdpa:
-            bias = torch.where(keep, torch.zeros((), device=device, dtype=x.dtype), torch.finfo(x.dtype).min)
         head = x.shape[-1] // self.heads
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # [tokens, width] -> [batch, heads, longest, head]
@@ -142,21 +144,11 @@ class TokenClassifier:
         for i in range(self.layers):
             p = f"encoder.layer.{i}."
             q, k, v = (padded(self._linear(x, p + f"attention.self.{n}")) for n in ("query", "key", "value"))
-            if self.sdpa:
-                context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=head**-0.5)
-            else:
-                scores = torch.matmul(q, k.transpose(2, 3)) * head**-0.5
-                if bias is not None:
-                    scores = scores + bias
-                context = torch.matmul(F.softmax(scores, dim=-1), v)
-            context = context.transpose(1, 2).reshape(batch * longest, -1).index_select(0, slot)
+            context = self._attend(q, k, v, keep).transpose(1, 2).reshape(batch * longest, -1)
+            context = context.index_select(0, slot)
             if i == self.layers - 1:  # past the last attention only the rows asked for are needed
                 context, x = context.index_select(0, picked), x.index_select(0, picked)
-            x = self._norm(
-                self._linear(context, p + "attention.output.dense") + x, p + "attention.output.LayerNorm"
-            )
-            inner = F.gelu(self._linear(x, p + "intermediate.dense"))
-            x = self._norm(self._linear(inner, p + "output.dense") + x, p + "output.LayerNorm")
+            x = self._feed_forward(x, context, p)
         return self._linear(x if self.layers else x.index_select(0, picked), "classifier")
 
 
