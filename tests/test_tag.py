@@ -54,11 +54,6 @@ def ray_head(s3_server: S3TestServer):
         yield cluster
 
 
-@pytest.fixture
-def aws(aws_env: S3TestServer) -> S3TestServer:
-    return aws_env  # boto3's standard variables (and the CLI's) point at the test server
-
-
 def predict(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`trainer/main.py predict ARGS` in a subprocess: in-process tagging unless `env` names a cluster."""
     if env is None:
@@ -94,27 +89,27 @@ def corpus(n: int) -> dict[str, list[str]]:
     return parts
 
 
-def test_ray_actor_pool_writes_what_in_process_writes(ray_head, aws, model, tmp_path):
+def test_ray_actor_pool_writes_what_in_process_writes(ray_head, aws_env, model, tmp_path):
     """Parts in a bucket, tagged by 2 Ray actors into an s3:// prefix, equal the in-process output
     on the same parts byte for byte: parts, markers and manifest; the model itself read from S3."""
-    bucket = aws.make_bucket("tag")
+    bucket = aws_env.make_bucket("tag")
     parts = corpus(3)
     for name, lines in parts.items():
         end = "\r\n" if name.startswith("sub/") else "\n"  # line ends as a text-mode file reads them
-        put(aws, bucket, f"in/{name}", (end.join(lines) + end).encode())
+        put(aws_env, bucket, f"in/{name}", (end.join(lines) + end).encode())
     for f in model.iterdir():
-        put(aws, bucket, f"model/{f.name}", f.read_bytes())
+        put(aws_env, bucket, f"model/{f.name}", f.read_bytes())
     args = ["--model", f"s3://{bucket}/model", "--input", f"s3://{bucket}/in/", "--format", "text"]
 
     local = predict(*args, "--output", f"s3://{bucket}/local/")
     assert local.returncode == 0, local.stderr[-3000:]
     assert "Ray" not in local.stderr
-    env = {**ray_head.env, **aws.aws_env()}
+    env = {**ray_head.env, **aws_env.aws_env()}
     on_ray = predict(*args, "--output", f"s3://{bucket}/ray/", "--workers", "2", env=env)
     assert on_ray.returncode == 0, on_ray.stderr[-3000:]
     assert "Ray Data actor pool of 2 actor(s)" in on_ray.stderr
 
-    got_local, got_ray = objects(aws, bucket, "local/"), objects(aws, bucket, "ray/")
+    got_local, got_ray = objects(aws_env, bucket, "local/"), objects(aws_env, bucket, "ray/")
     written = ["part-0.jsonl", "part-1.jsonl", "sub/part-2.jsonl"]
     key = json.loads(got_local["MANIFEST.json"])["job"]
     assert sorted(got_local) == sorted(
@@ -138,23 +133,23 @@ def test_ray_actor_pool_writes_what_in_process_writes(ray_head, aws, model, tmp_
     assert manifest["lines"] == sum(len(v) for v in parts.values()) and manifest["skipped"] == []
 
     # A bad part on the actor pool: the same one line naming the object and line, nothing written for it.
-    put(aws, bucket, "bad/a.jsonl", b'{"text": "Siemens"}\n{"text": "Paris"}\n{"text": 7}\n')
-    put(aws, bucket, "bad/b.jsonl", b'{"text": "Siemens"}\n')
+    put(aws_env, bucket, "bad/a.jsonl", b'{"text": "Siemens"}\n{"text": "Paris"}\n{"text": 7}\n')
+    put(aws_env, bucket, "bad/b.jsonl", b'{"text": "Siemens"}\n')
     args = ["--model", f"s3://{bucket}/model", "--input", f"s3://{bucket}/bad/"]
     bad = predict(*args, "--output", f"s3://{bucket}/bad-out/", "--workers", "2", env=env)
     assert bad.returncode == 2 and len(errors(bad)) == 1, bad.stderr[-3000:]
     assert f"s3://{bucket}/bad/a.jsonl:3: field 'text' is int, not text" in errors(bad)[0]
-    assert not any(k.startswith("a.jsonl") for k in objects(aws, bucket, "bad-out/"))
+    assert not any(k.startswith("a.jsonl") for k in objects(aws_env, bucket, "bad-out/"))
 
 
-def test_killed_job_reruns_to_every_line_once(aws, model, tmp_path):
+def test_killed_job_reruns_to_every_line_once(aws_env, model, tmp_path):
     """A job killed while writing its third part leaves two whole parts and no trace of the third
     (its temporary file is hidden and removed by the rerun); the rerun tags only what is missing,
     and every input line is in the output exactly once."""
-    bucket = aws.make_bucket("tagkill")
+    bucket = aws_env.make_bucket("tagkill")
     parts = corpus(4)
     for name, lines in parts.items():
-        put(aws, bucket, f"in/{name}", ("\n".join(lines) + "\n").encode())
+        put(aws_env, bucket, f"in/{name}", ("\n".join(lines) + "\n").encode())
     out = tmp_path / "out"
     args = ["--model", str(model), "--input", f"s3://{bucket}/in/", "--format", "text", "--output", str(out)]
     fault = {**os.environ, "RAYTAG_FAULT_INJECT": f"0:2:{tmp_path / 'fault'}:kill:part"}
