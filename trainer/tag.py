@@ -116,10 +116,9 @@ class Tagger:
 
     def describe(self) -> str:
         """One phrase for the log: device, precision, window and batch settings."""
-        return (
-            f"{self.engine}, {self.device.type}, {self.precision}, windows of "
-            f"{self.meta.get('max_length') or 'the model'} tokens, batches of {self.batch_tokens} tokens"
-        )
+        length = self.meta.get("max_length")
+        windows = f"windows of {length} tokens" if length else "the tokenizer's windows"
+        return f"{self.engine}, {self.device.type}, {self.precision}, {windows}, batches of {self.batch_tokens} tokens"
 
     def tag_words(
         self, sentences: Sequence[Sequence[str]], with_probs: bool = False
