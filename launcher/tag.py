@@ -26,7 +26,7 @@ from typing import Any
 from raytag.trainer.config import ScalingConfig, load_config
 from raytag.trainer.predict import PredictError
 from raytag.trainer.tag import BATCH_TOKENS
-from raytag.trainer.tag_job import PartResult, PartTask, Runner, TagJob, TagProgress
+from raytag.trainer.tag_job import PartResult, PartTagger, PartTask, Runner, TagJob, TagProgress
 
 log = logging.getLogger("raytag")
 
@@ -135,12 +135,18 @@ class TagActor:
     """One model replica on a Ray actor: `PartTagger` loaded once, then one part per call."""
 
     def __init__(self, job: TagJob) -> None:
-        from raytag.trainer.tag_job import PartTagger
-
+        from .cli import _user_errors
         from .logs import setup_logging
 
         setup_logging()  # the actor's progress lines reach the driver's log (log_to_driver)
-        self.tag = PartTagger(job)
+        # A model that cannot be loaded is told with the first part, as a result: an error raised
+        # here reaches the driver as Ray's ActorDiedError, a traceback around it.
+        self.tag: PartTagger | None = None
+        self.broken = ""
+        try:
+            self.tag = PartTagger(job)
+        except _user_errors() as e:
+            self.broken = str(e)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         from .cli import _user_errors
@@ -152,9 +158,11 @@ class TagActor:
             task = PartTask(**{k: _plain(v) for k, v in row.items()})
             # A failure is returned, not raised: Ray Data's wrapper of a raised error keeps only its
             # own message, and the driver should say what went wrong (one line for a user error).
-            failure, user_error = "", False
+            failure, user_error = self.broken, bool(self.broken)
+            result = PartResult(task.index, task.input)
             try:
-                result = self.tag(task)
+                if self.tag is not None:
+                    result = self.tag(task)
             except _user_errors() as e:
                 result, failure, user_error = PartResult(task.index, task.input), f"{task.input}: {e}", True
             except Exception:
@@ -192,8 +200,8 @@ def _check_paths_fit_cluster(job: TagJob, tasks: Sequence[PartTask]) -> None:
 
 
 def _root_cause(error: BaseException) -> BaseException:
-    """The error an actor raised, out of Ray's wrappers (RayTaskError.cause, Ray Data's
-    UserCodeException with the actor's error as its __cause__)."""
+    """The innermost error of Ray's wrappers (RayTaskError.cause, or the chained cause) that
+    survived the trip from the actor; actors return their own errors as results instead."""
     while True:
         inner = getattr(error, "cause", None) or error.__cause__
         if not isinstance(inner, BaseException):

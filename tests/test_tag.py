@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -53,11 +54,6 @@ def ray_head(s3_server: S3TestServer):
         yield cluster
 
 
-@pytest.fixture
-def aws(aws_env: S3TestServer) -> S3TestServer:
-    return aws_env  # boto3's standard variables (and the CLI's) point at the test server
-
-
 def predict(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`trainer/main.py predict ARGS` in a subprocess: in-process tagging unless `env` names a cluster."""
     if env is None:
@@ -93,27 +89,27 @@ def corpus(n: int) -> dict[str, list[str]]:
     return parts
 
 
-def test_ray_actor_pool_writes_what_in_process_writes(ray_head, aws, model, tmp_path):
+def test_ray_actor_pool_writes_what_in_process_writes(ray_head, aws_env, model, tmp_path):
     """Parts in a bucket, tagged by 2 Ray actors into an s3:// prefix, equal the in-process output
     on the same parts byte for byte: parts, markers and manifest; the model itself read from S3."""
-    bucket = aws.make_bucket("tag")
+    bucket = aws_env.make_bucket("tag")
     parts = corpus(3)
     for name, lines in parts.items():
         end = "\r\n" if name.startswith("sub/") else "\n"  # line ends as a text-mode file reads them
-        put(aws, bucket, f"in/{name}", (end.join(lines) + end).encode())
+        put(aws_env, bucket, f"in/{name}", (end.join(lines) + end).encode())
     for f in model.iterdir():
-        put(aws, bucket, f"model/{f.name}", f.read_bytes())
+        put(aws_env, bucket, f"model/{f.name}", f.read_bytes())
     args = ["--model", f"s3://{bucket}/model", "--input", f"s3://{bucket}/in/", "--format", "text"]
 
     local = predict(*args, "--output", f"s3://{bucket}/local/")
     assert local.returncode == 0, local.stderr[-3000:]
     assert "Ray" not in local.stderr
-    env = {**ray_head.env, **aws.aws_env()}
+    env = {**ray_head.env, **aws_env.aws_env()}
     on_ray = predict(*args, "--output", f"s3://{bucket}/ray/", "--workers", "2", env=env)
     assert on_ray.returncode == 0, on_ray.stderr[-3000:]
     assert "Ray Data actor pool of 2 actor(s)" in on_ray.stderr
 
-    got_local, got_ray = objects(aws, bucket, "local/"), objects(aws, bucket, "ray/")
+    got_local, got_ray = objects(aws_env, bucket, "local/"), objects(aws_env, bucket, "ray/")
     written = ["part-0.jsonl", "part-1.jsonl", "sub/part-2.jsonl"]
     key = json.loads(got_local["MANIFEST.json"])["job"]
     assert sorted(got_local) == sorted(
@@ -137,23 +133,23 @@ def test_ray_actor_pool_writes_what_in_process_writes(ray_head, aws, model, tmp_
     assert manifest["lines"] == sum(len(v) for v in parts.values()) and manifest["skipped"] == []
 
     # A bad part on the actor pool: the same one line naming the object and line, nothing written for it.
-    put(aws, bucket, "bad/a.jsonl", b'{"text": "Siemens"}\n{"text": "Paris"}\n{"text": 7}\n')
-    put(aws, bucket, "bad/b.jsonl", b'{"text": "Siemens"}\n')
+    put(aws_env, bucket, "bad/a.jsonl", b'{"text": "Siemens"}\n{"text": "Paris"}\n{"text": 7}\n')
+    put(aws_env, bucket, "bad/b.jsonl", b'{"text": "Siemens"}\n')
     args = ["--model", f"s3://{bucket}/model", "--input", f"s3://{bucket}/bad/"]
     bad = predict(*args, "--output", f"s3://{bucket}/bad-out/", "--workers", "2", env=env)
     assert bad.returncode == 2 and len(errors(bad)) == 1, bad.stderr[-3000:]
     assert f"s3://{bucket}/bad/a.jsonl:3: field 'text' is int, not text" in errors(bad)[0]
-    assert not any(k.startswith("a.jsonl") for k in objects(aws, bucket, "bad-out/"))
+    assert not any(k.startswith("a.jsonl") for k in objects(aws_env, bucket, "bad-out/"))
 
 
-def test_killed_job_reruns_to_every_line_once(aws, model, tmp_path):
+def test_killed_job_reruns_to_every_line_once(aws_env, model, tmp_path):
     """A job killed while writing its third part leaves two whole parts and no trace of the third
     (its temporary file is hidden and removed by the rerun); the rerun tags only what is missing,
     and every input line is in the output exactly once."""
-    bucket = aws.make_bucket("tagkill")
+    bucket = aws_env.make_bucket("tagkill")
     parts = corpus(4)
     for name, lines in parts.items():
-        put(aws, bucket, f"in/{name}", ("\n".join(lines) + "\n").encode())
+        put(aws_env, bucket, f"in/{name}", ("\n".join(lines) + "\n").encode())
     out = tmp_path / "out"
     args = ["--model", str(model), "--input", f"s3://{bucket}/in/", "--format", "text", "--output", str(out)]
     fault = {**os.environ, "RAYTAG_FAULT_INJECT": f"0:2:{tmp_path / 'fault'}:kill:part"}
@@ -291,20 +287,23 @@ def test_part_names_and_refusals(model, tmp_path):
 
 
 @pytest.mark.shared
-def test_exported_tokenizer_loads_as_autotokenizer_builds_it(tmp_path):
-    """predict loads a raytag export's tokenizer.json as it is (fast); it splits and numbers text
-    exactly as AutoTokenizer, which training used, does."""
+def test_exported_tokenizer_and_encoder_give_what_transformers_gives(tmp_path):
+    """predict runs a raytag export of a BERT-family model without transformers: its tokenizer.json
+    read with the tokenizers library splits and numbers text exactly as AutoTokenizer (which
+    training used) does, and trainer/encoder.py's logits are transformers' own, bit for bit, for
+    XLM-R (positions after the pad id) and BERT, eager and sdpa attention, fp32 and bf16 autocast,
+    with and without padding."""
     if not SHARED_TOKENIZER.exists():
         pytest.skip(f"{SHARED_TOKENIZER} not present: XLM-R's tokenizer comes from ../shared")
-    from raytag.trainer.predict import load_export_tokenizer
+    import torch
+    from transformers import AutoModelForTokenClassification, BertConfig, XLMRobertaConfig
+
+    from raytag.trainer import encoder
     from raytag.trainer.words import split_words
 
     auto = AutoTokenizer.from_pretrained(str(SHARED_TOKENIZER))
     auto.save_pretrained(tmp_path)
-    fast = load_export_tokenizer(tmp_path, raytag_export=True)
-    from transformers import PreTrainedTokenizerFast
-
-    assert type(fast) is PreTrainedTokenizerFast and type(auto) is not PreTrainedTokenizerFast
+    ours = encoder.ExportTokenizer(tmp_path)
     lines = [
         ACCEPTANCE,
         "«Siemens» в Москве, — сказал он.",
@@ -314,16 +313,49 @@ def test_exported_tokenizer_loads_as_autotokenizer_builds_it(tmp_path):
     ]
     words = [split_words(line) for line in lines]
     a = auto(words, is_split_into_words=True, add_special_tokens=False)
-    b = fast(words, is_split_into_words=True, add_special_tokens=False)
+    b = ours(words, is_split_into_words=True, add_special_tokens=False)
     assert a["input_ids"] == b["input_ids"]
     assert all(a.word_ids(i) == b.word_ids(i) for i in range(len(words)))
-    probe = ["a"]  # the special tokens around a sentence (features.window_budget reads them so)
-    assert (
-        auto(probe, is_split_into_words=True)["input_ids"]
-        == fast(probe, is_split_into_words=True)["input_ids"]
-    )
+    probe = ["a"]  # one sentence with its special tokens, as features.window_budget reads them
+    one_a, one_b = auto(probe, is_split_into_words=True), ours(probe, is_split_into_words=True)
+    assert one_a["input_ids"] == one_b["input_ids"] and one_a.word_ids() == one_b.word_ids()
     assert (auto.pad_token_id, auto.unk_token_id, auto.model_max_length) == (
-        fast.pad_token_id,
-        fast.unk_token_id,
-        fast.model_max_length,
+        ours.pad_token_id,
+        ours.unk_token_id,
+        ours.model_max_length,
     )
+
+    padded = auto(words, is_split_into_words=True, padding=True, return_tensors="pt")
+    ids, mask = padded["input_ids"], padded["attention_mask"]
+    small = {"vocab_size": len(auto), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    small |= {"intermediate_size": 64, "num_labels": 5, "pad_token_id": auto.pad_token_id}
+    for kind, config in (("xlm-roberta", XLMRobertaConfig(**small)), ("bert", BertConfig(**small))):
+        for attention in ("eager", "sdpa"):
+            torch.manual_seed(0)
+            config._attn_implementation = attention
+            folder = tmp_path / f"{kind}-{attention}"
+            AutoModelForTokenClassification.from_config(config).save_pretrained(folder)
+            theirs = AutoModelForTokenClassification.from_pretrained(
+                folder, attn_implementation=attention
+            ).eval()
+            lean = encoder.load(folder, attention)
+            assert lean is not None, kind
+            for bf16 in (False, True):
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    for i, m in (
+                        (ids, mask),
+                        (ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())]),
+                    ):
+                        assert torch.equal(theirs(input_ids=i, attention_mask=m).logits, lean.logits(i, m)), (
+                            kind,
+                            attention,
+                            bf16,
+                        )
+                    # Unpadded, as predict runs it: the same logits at the real tokens asked for (to
+                    # rounding: the linear layers see other matrix shapes).
+                    padded_logits = lean.logits(ids, mask)[mask.bool()]
+                    seqs = [row[: int(n)].numpy() for row, n in zip(ids, mask.sum(1), strict=True)]
+                    every_other = np.arange(0, int(mask.sum()), 2)  # rows asked for: the others are cut early
+                    packed = lean.packed_logits(seqs, every_other)
+                    tolerance = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
+                    torch.testing.assert_close(packed, padded_logits[every_other], **tolerance)

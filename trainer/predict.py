@@ -27,7 +27,7 @@ class PredictError(ValueError):
 
 def load_exported(model_dir: str):
     """The model, tokenizer and windowing settings of a raytag export (any HF token-classification folder)."""
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     path = Path(model_dir)
     if not (path / "config.json").exists():
@@ -35,34 +35,11 @@ def load_exported(model_dir: str):
     meta = {}
     if (path / "raytag.json").exists():
         meta = json.loads((path / "raytag.json").read_text())
-    tokenizer = load_export_tokenizer(path, raytag_export=bool(meta))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     kernel = {"attn_implementation": meta["attention"]} if meta.get("attention") else {}
     model = AutoModelForTokenClassification.from_pretrained(model_dir, **kernel)
     model.eval()
     return model, tokenizer, meta
-
-
-_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def load_export_tokenizer(path: Path, raytag_export: bool):
-    """The tokenizer of a model folder. A raytag export's `tokenizer.json` is the tokenizer training
-    ran, serialized whole (normaliser, pre-tokenizer, vocabulary, special-token template), and is
-    loaded as it is: 0.6 s for XLM-R's 250,002 pieces, where AutoTokenizer takes 2.5 s to build the
-    same tokenizer again from its class (transformers 5 parses the file in Python, then rebuilds).
-    Any other folder goes through AutoTokenizer, whose class may change what the file says."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config_file = path / "tokenizer_config.json"
-    if not (raytag_export and (path / "tokenizer.json").is_file() and config_file.is_file()):
-        return AutoTokenizer.from_pretrained(str(path))
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    special = {k: config[k] for k in _SPECIAL_TOKENS if isinstance(config.get(k), str)}
-    return PreTrainedTokenizerFast(
-        tokenizer_file=str(path / "tokenizer.json"),
-        model_max_length=config.get("model_max_length", 512),
-        **special,
-    )
 
 
 def line_entities(line: str, spans: list[tuple[int, int]], tags: list[str], probs) -> list[dict]:
