@@ -84,6 +84,51 @@ def test_the_schedule_is_hugging_faces_linear_warmup_and_decay():
     assert [ours(s) for s in range(60)] == [theirs(s) for s in range(60)]
 
 
+def test_a_resume_that_trains_longer_takes_hugging_faces_rates_step_by_step():
+    """A run stopped at step 2 of 2 and resumed to train 6 steps: the rate each step trains at is the
+    one Hugging Face's schedule gave in the same resume (the optimizer's rate from the checkpoint for
+    the first step, then the new plan). Setting the new plan's rate at once instead changed the
+    first resumed step's rate (0 -> 0.5), a non-budgeted run's training, and broke test_elastic's
+    0-sparse case."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from raytag.trainer.engine import LinearSchedule, plan_schedule
+
+    def rates(make, replan) -> list[float]:
+        w = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([w], lr=1.0)
+        sched, used = make(opt, 0, 2), []
+        for _ in range(2):
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        saved = {"opt": opt.state_dict(), "sched": sched.state_dict()}
+        opt = torch.optim.SGD([w], lr=1.0)  # the resumed run: built for its plan, then loaded
+        sched = make(opt, 1, 6)
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        replan(sched)
+        for _ in range(4):
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return used
+
+    def ours(opt, warmup, total):
+        return torch.optim.lr_scheduler.LambdaLR(opt, LinearSchedule(warmup, total))
+
+    theirs = rates(get_linear_schedule_with_warmup, lambda sched: None)
+    assert theirs == [1.0, 0.5, 0.0, 0.6, 0.4, 0.2]
+    loop = rates(ours, lambda sched: plan_schedule(SimpleNamespace(lr_scheduler=sched), 1, 6, rate_now=False))
+    assert loop == theirs
+    # a budget's plan, made mid-run, sets the next step's rate at once
+    now = rates(ours, lambda sched: plan_schedule(SimpleNamespace(lr_scheduler=sched), 1, 6))
+    assert now == [1.0, 0.5, 0.8, 0.6, 0.4, 0.2]
+
+
 def _timed_training(monkeypatch) -> dict[str, float]:
     """Times each call of the loop's `train_epochs` (the budget's span): {"seconds": last call's}."""
     import raytag.trainer.loop as loop

@@ -388,21 +388,30 @@ class LinearSchedule:
         return max(0.0, float(self.total - step) / float(max(1, self.total - self.warmup)))
 
 
-def plan_schedule(engine, warmup: int, total: int) -> bool:
+def plan_schedule(engine, warmup: int, total: int, *, rate_now: bool = True) -> bool:
     """Make raytag's schedule warm up over `warmup` steps and reach 0 at step `total`, from the
-    engine's current step on (the optimizer's rates are set at once). False when the engine runs
-    another schedule (one from `train.deepspeed`) or none."""
+    engine's next scheduler step on. False when the engine runs another schedule (one from
+    `train.deepspeed`) or none.
+
+    `rate_now`: the optimizer's rates are also set at once, to the new plan's at the current step
+    (train.time_budget's plan, made mid-run: the next step trains at the plan's rate). Without it the
+    next step trains at the rate the optimizer holds: a new run's (the schedule's at step 0), or a
+    resumed run's from its checkpoint (the rate its own plan gave that step), as with Hugging Face's
+    `get_linear_schedule_with_warmup`, whose plan a checkpoint does not keep: a run resumed to train
+    longer takes one step at the old plan's rate (0 where it ended there), then follows the new plan.
+    """
     scheduler = getattr(engine, "lr_scheduler", None)
     fns = getattr(scheduler, "lr_lambdas", None)
     if scheduler is None or not fns or not all(isinstance(fn, LinearSchedule) for fn in fns):
         return False
     for fn in fns:
         fn.warmup, fn.total = warmup, total
-    # What LambdaLR.step() computes: base rate x factor at its step, into the optimizer and _last_lr.
-    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, fns, strict=True)]
-    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
-        group["lr"] = rate
-    scheduler._last_lr = rates
+    if rate_now:
+        # What LambdaLR.step() computes: base rate x factor at its step, into the optimizer and _last_lr.
+        rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, fns, strict=True)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = rates
     return True
 
 

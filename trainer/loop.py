@@ -134,7 +134,9 @@ def train_loop(
         budget = open_budget(cfg, progress, plan, group.rank)
         if budget is not None:
             total_steps, schedule = budget.total_steps, budget.schedule(schedule)
-        plan_schedule(engine, *schedule)
+        # (from the next scheduler step on: the next step trains at the rate the optimizer holds, a
+        # resumed run at its checkpoint's, as with Hugging Face's schedule before LinearSchedule)
+        plan_schedule(engine, *schedule, rate_now=False)
 
         # ---- the run's files and session
         if group.rank == 0:  # rank 0 alone writes the run's files (ranks may share the working folder)
