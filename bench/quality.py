@@ -11,12 +11,15 @@ rate and linear decay, each in its own subprocess:
           warmup ratio 0.1 and weight decay 0.01;
   raytag  `python trainer/main.py --config configs/xlmr-base-conll2003.yaml ...`.
 
-Two modes. --defaults: each side with its own defaults (HF: TrainingArguments' batch of 8;
+Two modes, and a budget. --defaults: each side with its own defaults (HF: TrainingArguments' batch of 8;
 raytag: the config with only epochs, learning rate and seed set, so its `batch_tokens: auto`),
 at 1000, 3000 and all sentences; the check is "raytag F1 >= HF F1 - 0.005 and raytag trains
 faster" at every size. Matched (the default mode): HF batch 16, and raytag's token budget per
 micro-batch derived from the data so that its sentences per optimizer step match it, plus the
 same warmup and weight decay; the check is "raytag mean F1 >= HF mean F1 - 0.01".
+--budget-of-hf (with either mode): the HF recipe runs first and its one-epoch training time on this
+machine becomes raytag's `train.time_budget` in the same run: raytag plans its steps (and epochs) to
+end inside that time, its evaluations included; the check is the same F1 check, at equal time.
 
 Prints dev F1, training seconds, optimizer steps and real (non-pad) training tokens per
 second per run, the means per size, the raytag/HF ratios and the check, and writes all of it
@@ -29,6 +32,7 @@ failed or the setup is missing.
     python bench/quality.py --defaults --seeds 1             # 1000 / 3000 / all, own defaults
     python bench/quality.py                                  # 3 seeds x 3000 sentences, matched
     python bench/quality.py --only hf --train-samples 200 --eval-samples 200 --seeds 1
+    python bench/quality.py --budget-of-hf --seeds 1                 # raytag in HF's one-epoch time
 """
 
 from __future__ import annotations
@@ -414,8 +418,11 @@ def run_hf(args, size: int | None, seed: int, stamp: str, bf16: bool = False) ->
     return result
 
 
-def run_raytag(args, size: int | None, seed: int, stamp: str, batch_tokens: int | None) -> dict:
-    """One raytag run. `batch_tokens` None (--defaults): the config's own budget, warm-up and decay."""
+def run_raytag(
+    args, size: int | None, seed: int, stamp: str, batch_tokens: int | None, budget_s: float | None = None
+) -> dict:
+    """One raytag run. `batch_tokens` None (--defaults): the config's own budget, warm-up and decay.
+    `budget_s`: train.time_budget in seconds (--budget-of-hf), instead of one epoch."""
     name = f"quality-{size_name(size)}-s{seed}-{stamp}"
     storage = "bench/out/runs"
     cmd = [
@@ -443,6 +450,8 @@ def run_raytag(args, size: int | None, seed: int, stamp: str, batch_tokens: int 
             f"train.weight_decay={WEIGHT_DECAY}",
             f"train.batch_tokens={batch_tokens}",
         ]
+    if budget_s is not None:
+        cmd.append(f"train.time_budget={budget_s:.1f}")
     cmd += [*args.raytag_set, f"run.storage={storage}", f"run.name={name}"]
     log = OUT / "logs" / f"{name}-raytag.log"
     rc, wall = run_logged(cmd, log, args.threads)
@@ -465,6 +474,8 @@ def run_raytag(args, size: int | None, seed: int, stamp: str, batch_tokens: int 
         "train_steps": raw.get("global_steps"),
         "batch_tokens": budget,
         "auto_batch_tokens": auto_line,
+        "epochs": raw.get("epochs"),
+        "time_budget": raw.get("time_budget"),  # the plan and the seconds used and left (--budget-of-hf)
         "results_json": str(results_file.relative_to(REPO)),
         "log": str(log.relative_to(REPO)),
         "wall_seconds": wall,
@@ -530,12 +541,21 @@ def run_size(args, size: int | None, stamp: str) -> dict:
         # The order alternates between seeds, so that a load that drifts over time (other jobs on
         # the same cores) does not always fall on the same side.
         sides = ("hf", "hf_bf16", "raytag") if k % 2 == 0 else ("raytag", "hf_bf16", "hf")
+        if args.budget_of_hf:  # raytag's budget is the HF run's time: HF first
+            sides = ("hf", "hf_bf16", "raytag")
         for side in sides:
             if args.only not in (side.split("_")[0], "both") or (side == "hf_bf16" and not args.hf_bf16):
                 continue
             print(f"[{tag} seed {seed}] {side}: running ...", flush=True)
             if side.startswith("hf"):
                 res = run_hf(args, size, seed, stamp, bf16=side == "hf_bf16")
+            elif args.budget_of_hf:
+                budget_s = (row.get("hf") or {}).get("train_runtime_seconds")
+                if budget_s is None:
+                    print(f"[{tag} seed {seed}] raytag: skipped (no HF training time to use as its budget)")
+                    continue
+                print(f"[{tag} seed {seed}] raytag: train.time_budget = HF's training time, {budget_s:.1f} s")
+                res = run_raytag(args, size, seed, stamp, batch_tokens, budget_s=budget_s)
             else:
                 res = run_raytag(args, size, seed, stamp, batch_tokens)
             row[side] = res
@@ -556,6 +576,13 @@ def run_size(args, size: int | None, stamp: str) -> dict:
                     extra += f" (real tokens {res['train_real_tokens']} != {data['train_real_tokens']} computed here)"
             else:
                 extra = f", batch_tokens {res.get('batch_tokens')}"
+                tb = res.get("time_budget")
+                if tb:
+                    extra += (
+                        f"; budget {tb['budget_seconds']:.1f} s: planned {tb.get('planned_steps')} steps "
+                        f"({tb.get('planned_epochs')} epochs) at {tb.get('seconds_per_step')} s a step, "
+                        f"used {tb['seconds_used']:.1f} s (evaluations included), {tb['seconds_left']:.1f} s left"
+                    )
             print(
                 f"[{tag} seed {seed}] {side}: dev F1 {fmt(res['validation']['f1'], '.4f')}, "
                 f"train {fmt(res['train_runtime_seconds'], '.1f')} s, "
@@ -594,7 +621,7 @@ def run_size(args, size: int | None, stamp: str) -> dict:
         summary["acceptance"] = "n/a"
     else:
         ok = rt_f1 >= hf_f1 - args.f1_tolerance
-        if args.defaults:  # the defaults must also train faster
+        if args.defaults and not args.budget_of_hf:  # the defaults must also train faster (a budget: as long)
             ok = ok and (summary["ratio_train_seconds"] or math.inf) < 1.0
         summary["acceptance"] = "PASS" if ok else "FAIL"
     return {
@@ -627,7 +654,9 @@ def print_tables(args, results: list[dict]) -> None:
                 f"{fmt(rt.get('batch_tokens'), 'd'):>13}"
             )
     print("-" * len(header))
-    check = f"F1 >= HF - {args.f1_tolerance:g}" + (" and faster" if args.defaults else "")
+    check = f"F1 >= HF - {args.f1_tolerance:g}" + (
+        " and faster" if args.defaults and not args.budget_of_hf else ""
+    )
     header = (
         f"{'size':>6} {'HF F1':>7} {'raytag F1':>9} {'diff':>7} {'HF train s':>10} {'raytag train s':>14} "
         f"{'raytag/HF s':>11} {'HF sent/step':>12} {'raytag sent/step':>16}  {check}"
@@ -706,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only", choices=["hf", "raytag", "both"], default="both")
     ap.add_argument(
+        "--budget-of-hf",
+        action="store_true",
+        help="run the HF recipe (one epoch) first, then raytag with train.time_budget set to HF's training "
+        "time on this machine: the F1 each reaches in the same time",
+    )
+    ap.add_argument(
         "--hf-bf16",
         action="store_true",
         help="also run the HF recipe with --bf16 (autocast), to compare the engines at equal precision",
@@ -735,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         args.hf_batch = 8 if args.defaults else 16  # 8: TrainingArguments' per_device_train_batch_size
     if args.f1_tolerance is None:
         args.f1_tolerance = F1_TOLERANCE[args.defaults]
+    if args.budget_of_hf and args.only != "both":
+        ap.error("--budget-of-hf runs both sides: raytag's budget is the HF run's time")
 
     if not SHARED.is_dir():
         print(
@@ -776,14 +813,21 @@ def main(argv: list[str] | None = None) -> int:
             f"mode matched: 1 epoch, lr {args.lr:g}, warmup ratio {WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, "
             f"linear decay on both sides; HF batch {args.hf_batch} sentences, raytag batch_tokens to match"
         )
+    if args.budget_of_hf:
+        print(
+            "--budget-of-hf: raytag trains for the HF run's training time (train.time_budget), its epochs "
+            "planned to fit it with its evaluations, instead of one epoch"
+        )
 
     results = [run_size(args, size, stamp) for size in args.train_samples]
     print_tables(args, results)
     verdicts = [r["summary"]["acceptance"] for r in results]
     overall = "FAIL" if "FAIL" in verdicts else ("PASS" if "PASS" in verdicts else "n/a")
+    faster = args.defaults and not args.budget_of_hf
     print(
-        f"acceptance ({'each side its own defaults' if args.defaults else 'matched batches'}): raytag mean F1 >= "
-        f"HF mean F1 - {args.f1_tolerance:g}{' and raytag trains faster' if args.defaults else ''}, "
+        f"acceptance ({'each side its own defaults' if args.defaults else 'matched batches'}"
+        f"{', raytag in HF training time' if args.budget_of_hf else ''}): raytag mean F1 >= "
+        f"HF mean F1 - {args.f1_tolerance:g}{' and raytag trains faster' if faster else ''}, "
         f"at every size: {overall}"
     )
 
@@ -801,6 +845,7 @@ def main(argv: list[str] | None = None) -> int:
             "hf_batch": args.hf_batch,
             "max_length": MAX_LENGTH,
             "raytag": "config defaults" if args.defaults else "matched to HF",
+            "raytag_time_budget": "the HF run's training time" if args.budget_of_hf else None,
         },
         "environment": env,
         "model": str(ENCODER.relative_to(REPO)),

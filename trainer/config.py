@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,6 +108,13 @@ class TrainConfig:
     ceil(epochs x steps per epoch) optimizer steps). Evaluation runs after each epoch."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (caps the run; the schedule then spans max_steps)."""
+    time_budget: str | float | None = None
+    """Train for this long: `90s`, `45m`, `2h`, `1h30m`, or a number of seconds. The run times its
+    first steps and one evaluation, then fixes its step count so that training and its evaluations
+    and checkpoints end inside the budget, the learning-rate schedule ending at that step;
+    `train.epochs` then no longer bounds the run (`train.max_steps` still caps it). Data setup and
+    the final test scoring and export are outside it. Logged, kept in checkpoints (a resumed run
+    keeps its plan and remaining budget) and in results.json's `time_budget`."""
     learning_rate: float = 5e-5
     """Peak learning rate of AdamW: it rises linearly from 0 over `train.warmup_ratio` of the steps,
     then falls linearly to 0 at the last step."""
@@ -450,6 +459,19 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
             raise bad("epochs", f"must be > 0, got {obj.epochs}")
         if obj.max_steps is not None and obj.max_steps <= 0:
             raise bad("max_steps", f"must be > 0, got {obj.max_steps}")
+        if obj.time_budget is not None:
+            try:
+                parse_duration(obj.time_budget)
+            except ValueError as e:
+                raise bad("time_budget", str(e)) from None
+            for k in ("scheduler", "optimizer"):
+                if k in obj.deepspeed:  # raytag then builds no schedule: nothing would end at the budget
+                    raise bad(
+                        "time_budget",
+                        f"plans raytag's learning-rate schedule to end at its last step, but train.deepspeed."
+                        f"{k} replaces {'it' if k == 'scheduler' else 'the optimizer it runs on'}: "
+                        "drop one of the two",
+                    )
         if obj.learning_rate <= 0:
             raise bad("learning_rate", f"must be > 0, got {obj.learning_rate}")
         if not 0 <= obj.warmup_ratio < 1:
@@ -564,6 +586,34 @@ def mlflow_uri_problem(uri: str) -> str | None:
         f"unsupported scheme {parts.scheme!r} in {uri!r}: use http://HOST:PORT "
         "or https://... (an MLflow server), databricks, or a database (sqlite:///FILE.db, postgresql://...)"
     )
+
+
+_DURATION = re.compile(r"(?:(?P<h>[0-9.]+)h)?(?:(?P<m>[0-9.]+)m)?(?:(?P<s>[0-9.]+)s)?")
+
+
+def parse_duration(value: str | float) -> float:
+    """The seconds of a duration: a number of seconds, or hours, minutes and seconds in that order
+    (`90s`, `45m`, `2h`, `1h30m`, `1.5h`). Raises ValueError for anything else and for a duration
+    that is not a finite number > 0."""
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _DURATION.fullmatch(text)
+        parts = match.groupdict() if match and text else {}
+        try:
+            seconds = sum(
+                float(v) * unit for k, unit in (("h", 3600), ("m", 60), ("s", 1)) if (v := parts.get(k))
+            )
+        except ValueError:  # '1.2.3m'
+            parts = {}
+        if not any(parts.values()):
+            raise ValueError(
+                f"expected a duration such as 90s, 45m, 2h or 1h30m, or a number of seconds, got {value!r}"
+            ) from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"must be a duration > 0, got {value!r}")
+    return seconds
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -321,7 +321,6 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec, device_rank: int | No
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     ensure_process_group_env()
     import deepspeed
-    from transformers import get_linear_schedule_with_warmup
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     _skip_cpu_shm_build()
@@ -352,7 +351,9 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec, device_rank: int | No
         if spec.sparse_embeddings and spec.world_size == 1:
             settle_before_lookup(table, optimizer)  # type: ignore[arg-type]
         if "scheduler" not in ds_config:
-            scheduler = get_linear_schedule_with_warmup(optimizer, spec.warmup_steps, spec.total_steps)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, LinearSchedule(spec.warmup_steps, spec.total_steps)
+            )
     args = SimpleNamespace(device_rank=device_rank) if device_rank is not None else None
     engine, _, _, _ = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
@@ -366,6 +367,52 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec, device_rank: int | No
     if engine.zero_optimization_stage() == 0:
         _clip_fp32_gradients(engine)
     return engine
+
+
+class LinearSchedule:
+    """The learning rate's factor at a step: linear warm-up from 0 over `warmup` steps, then linear
+    decay to 0 at step `total`, as Hugging Face's `get_linear_schedule_with_warmup` (the same figures).
+
+    Its plan can be set after the engine is built (`plan_schedule`): train.time_budget fixes the
+    step count once the first steps are timed, and a resumed run sets its own plan over the one its
+    checkpoint stored. A callable object rather than a function, so that torch's LambdaLR keeps its
+    plan (its `__dict__`) in the scheduler's state, in every checkpoint.
+    """
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return float(step) / float(max(1, self.warmup))
+        return max(0.0, float(self.total - step) / float(max(1, self.total - self.warmup)))
+
+
+def plan_schedule(engine, warmup: int, total: int, *, rate_now: bool = True) -> bool:
+    """Make raytag's schedule warm up over `warmup` steps and reach 0 at step `total`, from the
+    engine's next scheduler step on. False when the engine runs another schedule (one from
+    `train.deepspeed`) or none.
+
+    `rate_now`: the optimizer's rates are also set at once, to the new plan's at the current step
+    (train.time_budget's plan, made mid-run: the next step trains at the plan's rate). Without it the
+    next step trains at the rate the optimizer holds: a new run's (the schedule's at step 0), or a
+    resumed run's from its checkpoint (the rate its own plan gave that step), as with Hugging Face's
+    `get_linear_schedule_with_warmup`, whose plan a checkpoint does not keep: a run resumed to train
+    longer takes one step at the old plan's rate (0 where it ended there), then follows the new plan.
+    """
+    scheduler = getattr(engine, "lr_scheduler", None)
+    fns = getattr(scheduler, "lr_lambdas", None)
+    if scheduler is None or not fns or not all(isinstance(fn, LinearSchedule) for fn in fns):
+        return False
+    for fn in fns:
+        fn.warmup, fn.total = warmup, total
+    if rate_now:
+        # What LambdaLR.step() computes: base rate x factor at its step, into the optimizer and _last_lr.
+        rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, fns, strict=True)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = rates
+    return True
 
 
 def _clip_fp32_gradients(engine) -> None:

@@ -66,6 +66,8 @@ def finish_run(s: Session, progress: TrainingProgress, resumed_from: str | None)
         "best_checkpoint": best,
         "model_checkpoint": model_from,
         "resumed_from": resumed_from,
+        # train.time_budget: the plan (steps, warm-up, timings) and the seconds used and left
+        **({"time_budget": progress.time_budget} if progress.time_budget else {}),
         "labels": s.data.labels,
         "train_data": {
             **train,
@@ -264,6 +266,11 @@ def _card(
         "learning_rate": tc.learning_rate,
         "epochs": tc.epochs,
         "max_steps": tc.max_steps,
+        **(
+            {"time_budget": f"{tc.time_budget} ({progress.time_budget.get('planned_steps')} steps planned)"}
+            if tc.time_budget is not None
+            else {}
+        ),
         "batch_tokens (per worker)": batch_tokens if tc.batch_tokens != "auto" else f"{batch_tokens} (auto)",
         "gradient_accumulation_steps": tc.gradient_accumulation_steps,
         "workers": cfg.scaling.workers,

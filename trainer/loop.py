@@ -20,6 +20,7 @@ storage, DeepSpeed's file names and the run lease live behind `RunStore`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -33,7 +34,8 @@ import torch
 
 from . import dist
 from .batching import StepPlan, resolve_batch_tokens
-from .config import Config, dump_yaml, from_dict
+from .budget import Budget
+from .config import Config, dump_yaml, from_dict, parse_duration
 from .engine import (
     EngineSpec,
     attention_kernel,
@@ -41,6 +43,7 @@ from .engine import (
     end_local_process_group,
     engine_spec,
     fit_embedding_updates,
+    plan_schedule,
     rank_device,
     undo_process_wide_patches,
 )
@@ -125,6 +128,16 @@ def train_loop(
         progress, resumed = resume(cfg, run, engine, data, group, info)
         resumed_from = resumed.name if resumed is not None else None
 
+        # ---- the step count and the schedule's: the plan's (over what a checkpoint stored), or the
+        # time budget's (a resumed run's own; a new run's once its first steps are timed)
+        total_steps, schedule = plan.total_steps, (spec.warmup_steps, spec.total_steps)
+        budget = open_budget(cfg, progress, plan, group.rank)
+        if budget is not None:
+            total_steps, schedule = budget.total_steps, budget.schedule(schedule)
+        # (from the next scheduler step on: the next step trains at the rate the optimizer holds, a
+        # resumed run at its checkpoint's, as with Hugging Face's schedule before LinearSchedule)
+        plan_schedule(engine, *schedule, rate_now=False)
+
         # ---- the run's files and session
         if group.rank == 0:  # rank 0 alone writes the run's files (ranks may share the working folder)
             metrics = MetricsLog(
@@ -133,7 +146,9 @@ def train_loop(
                 tensorboard=rc.tensorboard,
                 mlflow=open_tracking(cfg, run.uri, progress.mlflow_run_id),  # None: tracking is off
             )
-            record_start(cfg, run, metrics, data, plan, spec, attention, world, resumed, progress.global_step)
+            record_start(
+                cfg, run, metrics, data, plan, spec, attention, world, resumed, progress.global_step, budget
+            )
         s = open_session(
             cfg,
             run,
@@ -144,15 +159,16 @@ def train_loop(
             metrics,
             report,
             reader,
-            total_steps=plan.total_steps,
+            total_steps=schedule[1],
             progress=progress,
             rank=group.rank,
             notices=notices,
             plan=plan.record,
+            budget=budget,
         )
 
         # ---- epochs of steps, evaluating and saving where due (a stop request raises Preempted)
-        train_epochs(s, progress, plan.epoch, plan.total_steps, notices, group)
+        train_epochs(s, progress, plan.epoch, total_steps, notices, group)
 
         # ---- finish: the best checkpoint's weights scored and exported, results.json
         results = finish_run(s, progress, resumed_from)
@@ -219,12 +235,12 @@ class Plan:
     batch_tokens: int  # train.batch_tokens as resolved (`auto` -> a number)
     pool_batches: int  # the batches' length-sorted pools (batching.py)
     lanes: int  # micro-batches per optimizer step, all workers: max workers x accumulation
-    epoch_steps: list[int]  # each epoch's steps (they vary a little with its shuffle)
-    total_steps: int
+    steps_in: Callable[[int], int]  # an epoch's steps (they vary a little with its shuffle; cached)
+    total_steps: int  # train.epochs' steps, or train.max_steps (a time budget plans its own)
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.epoch_steps[0]
+        return self.steps_in(0)
 
     @property
     def record(self) -> dict[str, int]:
@@ -280,15 +296,41 @@ def plan_run(cfg: Config, data: Data, group: Any, stored: dict[str, Any] | None)
     reader = ShardReader(
         data.train, storage_of(cfg), group.rank, lanes=per_rank, retry_budget_s=rc.storage_retry_seconds
     )
+
+    @functools.cache
+    def steps_in(epoch: int) -> int:
+        return len(plan_at(batch_tokens, epoch, pool_batches, lanes)[0].steps)
+
     whole = int(tc.epochs)
     fraction = tc.epochs - whole
-    epoch_steps = [
-        len(plan_at(batch_tokens, e, pool_batches, lanes)[0].steps)
-        for e in range(max(1, math.ceil(tc.epochs)))
-    ]
-    planned = sum(epoch_steps[:whole]) + (math.ceil(fraction * epoch_steps[whole]) if fraction else 0)
+    if tc.time_budget is not None:  # a first guess, for the schedule's warm-up until the budget's plan
+        planned = math.ceil(tc.epochs * steps_in(0))
+    else:
+        planned = sum(steps_in(e) for e in range(whole)) + (
+            math.ceil(fraction * steps_in(whole)) if fraction else 0
+        )
     total_steps = tc.max_steps or max(1, planned)
-    return Plan(epoch_plan, batch_tokens, pool_batches, lanes, epoch_steps, total_steps), reader
+    return Plan(epoch_plan, batch_tokens, pool_batches, lanes, steps_in, total_steps), reader
+
+
+def open_budget(cfg: Config, progress: Any, plan: Plan, rank: int) -> Budget | None:
+    """train.time_budget's clock, continuing from the budget used and the plan kept in `progress`
+    (None: no budget)."""
+    tc = cfg.train
+    if tc.time_budget is None:
+        return None
+    return Budget(
+        tc.time_budget,
+        parse_duration(tc.time_budget),
+        progress.time_budget,
+        leader=rank == 0,
+        warmup_ratio=tc.warmup_ratio,
+        max_steps=tc.max_steps,
+        eval_every=tc.eval_every,
+        save_every=tc.save_every,
+        save_every_minutes=tc.save_every_minutes,
+        steps_in=plan.steps_in,
+    )
 
 
 def record_start(
@@ -302,6 +344,7 @@ def record_start(
     world: int,
     resumed: Any,
     step: int,
+    budget: Budget | None = None,
 ) -> None:
     """Rank 0: the run's config and labels written and published, the run described in one log line,
     and a `resize` record when the group's size changed since checkpoint `resumed` (at `step`)."""
@@ -316,14 +359,20 @@ def record_start(
     write_json(run.workdir / "labels.json", data.labels)
     run.publish("config.yaml")
     run.publish("labels.json")
+    if budget is None:
+        steps = f"{plan.total_steps} steps"
+    elif budget.planned is not None:
+        steps = f"{budget.total_steps} steps (time budget {budget.spec}, as planned)"
+    else:
+        steps = f"time budget {budget.spec} (its steps planned once the first ones are timed)"
     log.info(
-        "run %s: %d train windows (%d sentences, %d shards), %d steps (%d per epoch), %d labels, %s%s, "
+        "run %s: %d train windows (%d sentences, %d shards), %s (%d per epoch), %d labels, %s%s, "
         "%s attention, %s embedding updates, ZeRO-%d, %d worker(s), outputs in %s",
         rc.name,
         len(data.lengths),
         data.train.manifest["sentences"],
         data.train.num_shards,
-        plan.total_steps,
+        steps,
         plan.steps_per_epoch,
         len(data.labels),
         spec.precision,

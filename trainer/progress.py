@@ -39,6 +39,9 @@ class TrainingProgress:
     mlflow_run_id: str | None = (
         None  # the MLflow run this one logs to (tracking.mlflow_uri): a resume continues it
     )
+    # train.time_budget (budget.py): the seconds used as of this checkpoint and, once the first steps
+    # are timed, the plan ("planned_steps", "warmup_steps", the measured costs); empty without a budget
+    time_budget: dict[str, Any] = field(default_factory=dict)
 
     def note_world(self, epoch: int, world: int) -> dict[str, Any]:
         """The record of `epoch`, noting that it (now) trains with `world` workers."""
@@ -141,6 +144,13 @@ class ProgressView:
                 tokens_per_s,
                 _fmt_eta(eta),
             )
+
+    def set_total(self, total: int) -> None:
+        """The run's step count, once known (train.time_budget plans it after its first steps)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def write(self, msg: str) -> None:
         if not self.enabled:

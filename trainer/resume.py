@@ -234,8 +234,12 @@ def nothing_to_add(cfg: Config, finished: dict[str, Any], total_steps: int) -> b
 
 
 def trains_longer(cfg: Config, results: dict[str, Any]) -> bool:
-    """Whether this config trains longer than the finished run's (train.epochs or train.max_steps changed)."""
+    """Whether this config trains longer than the finished run's (train.epochs or train.max_steps
+    changed). A budgeted run's length is its budget's plan: only another train.time_budget counts
+    (which `check_resume` then refuses: the plan is the budget's)."""
     old = ((results.get("provenance") or {}).get("config") or {}).get("train") or {}
+    if cfg.train.time_budget is not None or old.get("time_budget") is not None:
+        return old.get("time_budget") != cfg.train.time_budget
     return old.get("epochs") != cfg.train.epochs or old.get("max_steps") != cfg.train.max_steps
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import dist
+from .budget import Budget
 from .config import Config, dump_yaml
 from .engine import EngineSpec
 from .evaluate import EvalResult, finish, predict_windows
@@ -62,6 +63,7 @@ class Session:
     peak: Peak  # one device's peak FLOP/s in this run's precision (rank 0's, the same on every rank)
     plan: dict[str, Any]  # the global batch plan's inputs (batch_tokens as resolved, its pools, lanes),
     # kept in every checkpoint's manifest (loop.Plan)
+    budget: Budget | None = None  # train.time_budget's clock and plan (budget.py)
 
 
 def open_session(
@@ -80,6 +82,7 @@ def open_session(
     rank: int,
     notices: Notices | None,
     plan: dict[str, Any],
+    budget: Budget | None = None,
 ) -> Session:
     """The run's Session: its progress view, its clock, and one device's peak FLOP/s (rank 0's, broadcast)."""
     tc = cfg.train
@@ -109,6 +112,7 @@ def open_session(
         model_flops(engine.module),
         peak,
         plan,
+        budget,
     )
 
 
@@ -175,6 +179,8 @@ def save(s: Session, progress: TrainingProgress, eval_metrics: dict[str, Any]) -
     """Write this rank's part of a checkpoint and commit it (uploads run beside training); report it."""
     from raytag.cluster.checkpoints import checkpoint_name
 
+    if s.budget is not None:
+        s.budget.checkpoint(progress)  # the budget used so far: a resumed run continues from it
     folder = s.run.checkpoint_folder(progress.global_step)
     s.engine.save_checkpoint(str(folder), tag="ds", save_latest=False)
     rank = dist.rank()

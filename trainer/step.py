@@ -3,7 +3,9 @@ the training log.
 
 Each step: this rank's micro-batches of the global plan -> forward/backward/step, then one
 all-reduce of the step's figures, stop requests and rank 0's timers; after it, maybe an
-evaluation and a checkpoint (session.py), maybe a stop.
+evaluation and a checkpoint (session.py), maybe a stop. With train.time_budget, rank 0's vote in
+the same all-reduce says when the first steps are timed: every rank then takes rank 0's plan of
+the step count (budget.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from . import dist
 from .batching import StepPlan
+from .budget import SPENT
 from .evaluate import collate
 from .faults import inject_fault
 from .features import IGNORE, Window
@@ -38,15 +41,21 @@ def train_epochs(
     group: Any,
 ) -> None:
     """Train from `progress` to step `total_steps`: evaluate and checkpoint where due, stop where asked.
+    With a time budget (`s.budget`) that has no plan yet, `total_steps` is a bound and the plan,
+    made once the first steps are timed, sets the step count.
 
-    Raises `stopping.Preempted` after a stop request, once that step's checkpoint is uploaded.
+    Raises `stopping.Preempted` after a stop request, once that step's checkpoint is uploaded, and
+    ConfigError when the time budget runs out before its first steps and an evaluation are timed.
     """
-    tc, engine, reader, clock = s.cfg.train, s.engine, s.reader, s.clock
+    tc, engine, reader, clock, budget = s.cfg.train, s.engine, s.reader, s.clock, s.budget
     world = group.world
+    if budget is not None:
+        budget.start()
     window = _Window()
     engine.module.train()
     epoch = progress.epoch
     stop = progress.global_step >= total_steps
+    unsaved_plan = False  # the time budget's plan is made, and no checkpoint holds it yet
     while not stop:
         plan = epoch_plan(epoch)
         reader.start_epoch(epoch)
@@ -57,9 +66,10 @@ def train_epochs(
             mine = train_step(
                 engine, reader.windows, plan.steps[i], plan.labelled[i], world, s.pad_id, s.device
             )
-            # one all-reduce per step: the figures, any rank's stop request, rank 0's timers
-            loss, tokens, windows, squares, stops, due, poll = dist.all_sum(
-                [*(float(x) for x in mine), float(STOP.requested), *clock.votes()]
+            timed = budget.vote() if budget is not None else 0.0  # rank 0: the first steps are timed
+            # one all-reduce per step: the figures, any rank's stop request, rank 0's timers and vote
+            loss, tokens, windows, squares, stops, due, poll, timed = dist.all_sum(
+                [*(float(x) for x in mine), float(STOP.requested), *clock.votes(), timed]
             )
             why_save = f"{tc.save_every_minutes:g} minutes since the last checkpoint" if due else None
             if poll:  # every rank together: the launcher's notices (Ray: a barrier of its own)
@@ -80,24 +90,59 @@ def train_epochs(
             progress.train_flops += flops
             window.add(loss, plan.labelled[i], tokens, flops, seconds)
             gs = progress.global_step
-            if gs % tc.log_every == 0 or gs == total_steps:
-                _log_train(s, window, progress, epoch + (i + 1) / len(plan.steps))
+            epoch_f = epoch + (i + 1) / len(plan.steps)
+            logged = gs % tc.log_every == 0 or gs == total_steps
+            if logged:
+                _log_train(s, window, progress, epoch_f)
             end_of_epoch = i + 1 == len(plan.steps)
-            stop = gs >= total_steps
             if end_of_epoch:
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
-            if end_of_epoch or stop or (tc.eval_every is not None and gs % tc.eval_every == 0):
-                evaluate_and_save(s, progress, epoch + (i + 1) / len(plan.steps))
+            evaluated = False
+            if timed and budget is not None:  # plan the step count (after timing an evaluation)
+                if timed != SPENT and budget.needs_evaluation:
+                    _evaluate_and_save(s, progress, epoch_f)
+                    evaluated = True
+                total_steps = budget.decide(group, progress, engine)
+                s.view.set_total(total_steps)
+                if gs == total_steps and not logged:  # the last step's learning rate (0) in the log
+                    _log_train(s, window, progress, epoch_f)
+                unsaved_plan = True
+            stop = gs >= total_steps
+            if unsaved_plan and not evaluated:  # a crash must not lose the plan: a checkpoint keeps it
+                why_save, unsaved_plan = why_save or "it keeps the time budget's plan", False
+            # (an evaluation that timed the budget stands for this step's evaluation or checkpoint)
+            if evaluated:
+                pass
+            elif end_of_epoch or stop or (tc.eval_every is not None and gs % tc.eval_every == 0):
+                _evaluate_and_save(s, progress, epoch_f)
             elif (tc.save_every is not None and gs % tc.save_every == 0) or why_save or stops:
                 if why_save and not stops:
                     log.info("checkpoint at step %d: %s", gs, why_save)
-                save(s, progress, {})
+                _save(s, progress)
             if stops:
                 stop_here(s, progress, total_steps)
             if stop:
                 break
         epoch += 1
+    if budget is not None:
+        budget.finish(progress)
     s.view.close()
+
+
+def _evaluate_and_save(s: Session, progress: TrainingProgress, epoch_f: float) -> None:
+    """An evaluation and its checkpoint, timed for the time budget (if any)."""
+    began = time.monotonic()
+    evaluate_and_save(s, progress, epoch_f)
+    if s.budget is not None:
+        s.budget.evaluated(began)
+
+
+def _save(s: Session, progress: TrainingProgress) -> None:
+    """A checkpoint without an evaluation, timed for the time budget (if any)."""
+    began = time.monotonic()
+    save(s, progress, {})
+    if s.budget is not None:
+        s.budget.saved(began)
 
 
 def train_step(
