@@ -419,11 +419,18 @@ def run_hf(args, size: int | None, seed: int, stamp: str, bf16: bool = False) ->
 
 
 def run_raytag(
-    args, size: int | None, seed: int, stamp: str, batch_tokens: int | None, budget_s: float | None = None
+    args,
+    size: int | None,
+    seed: int,
+    stamp: str,
+    batch_tokens: int | None,
+    budget_s: float | None = None,
+    suffix: str = "",
 ) -> dict:
     """One raytag run. `batch_tokens` None (--defaults): the config's own budget, warm-up and decay.
-    `budget_s`: train.time_budget in seconds (--budget-of-hf), instead of one epoch."""
-    name = f"quality-{size_name(size)}-s{seed}-{stamp}"
+    `budget_s`: train.time_budget in seconds (--budget-of-hf), instead of one epoch. `suffix` tells
+    runs of one size and seed apart (a fraction of the budget)."""
+    name = f"quality-{size_name(size)}-s{seed}{suffix}-{stamp}"
     storage = "bench/out/runs"
     cmd = [
         sys.executable,
@@ -556,6 +563,16 @@ def run_size(args, size: int | None, stamp: str) -> dict:
                     continue
                 print(f"[{tag} seed {seed}] raytag: train.time_budget = HF's training time, {budget_s:.1f} s")
                 res = run_raytag(args, size, seed, stamp, batch_tokens, budget_s=budget_s)
+                for frac in args.budget_fractions:  # the same recipe in a share of that time
+                    part = budget_s * frac
+                    print(
+                        f"[{tag} seed {seed}] raytag: train.time_budget = {frac:g} x HF's, {part:.1f} s",
+                        flush=True,
+                    )
+                    row[budget_side(frac)] = run_raytag(
+                        args, size, seed, stamp, batch_tokens, budget_s=part, suffix=f"-b{frac:g}"
+                    )
+                    print(f"[{tag} seed {seed}] {budget_line(row[budget_side(frac)])}", flush=True)
             else:
                 res = run_raytag(args, size, seed, stamp, batch_tokens)
             row[side] = res
@@ -576,13 +593,8 @@ def run_size(args, size: int | None, stamp: str) -> dict:
                     extra += f" (real tokens {res['train_real_tokens']} != {data['train_real_tokens']} computed here)"
             else:
                 extra = f", batch_tokens {res.get('batch_tokens')}"
-                tb = res.get("time_budget")
-                if tb:
-                    extra += (
-                        f"; budget {tb['budget_seconds']:.1f} s: planned {tb.get('planned_steps')} steps "
-                        f"({tb.get('planned_epochs')} epochs) at {tb.get('seconds_per_step')} s a step, "
-                        f"used {tb['seconds_used']:.1f} s (evaluations included), {tb['seconds_left']:.1f} s left"
-                    )
+                if res.get("time_budget"):
+                    extra += "; " + budget_line(res)
             print(
                 f"[{tag} seed {seed}] {side}: dev F1 {fmt(res['validation']['f1'], '.4f')}, "
                 f"train {fmt(res['train_runtime_seconds'], '.1f')} s, "
@@ -631,6 +643,50 @@ def run_size(args, size: int | None, stamp: str) -> dict:
         "runs": runs,
         "summary": summary,
     }
+
+
+def budget_side(frac: float) -> str:
+    """A row's key for the raytag run in `frac` of HF's time (--budget-fractions)."""
+    return f"raytag_budget_{frac:g}"
+
+
+def budget_line(res: dict) -> str:
+    """What a budgeted raytag run planned and used, for its progress line."""
+    if "error" in res:
+        return f"FAILED ({res['error']}), log {res['log']}"
+    tb = res.get("time_budget") or {}
+    return (
+        f"dev F1 {fmt(res['validation']['f1'], '.4f')}; budget {tb.get('budget_seconds', 0):.1f} s: planned "
+        f"{tb.get('planned_steps')} steps ({tb.get('planned_epochs')} epochs) at {tb.get('seconds_per_step')} s "
+        f"a step, used {tb.get('seconds_used', 0):.1f} s (evaluations included), {tb.get('seconds_left', 0):.1f} s left"
+    )
+
+
+def print_budget_table(args, results: list[dict]) -> None:
+    """--budget-of-hf: each raytag run's F1 in its share of HF's one-epoch time, HF's F1 beside it."""
+    header = (
+        f"{'size':>6} {'seed':>5} {'share':>6} {'budget s':>9} {'used s':>8} {'planned steps':>13} "
+        f"{'epochs':>7} {'raytag F1':>9} {'HF F1':>7} {'diff':>7}"
+    )
+    print("raytag in a share of HF's one-epoch training time (HF: one epoch, its own time):")
+    print(header)
+    print("-" * len(header))
+    for res in results:
+        tag = size_name(res["train_samples"])
+        for r in res["runs"]:
+            hf_f1 = ((r.get("hf") or {}).get("validation") or {}).get("f1")
+            for frac, side in [(1.0, "raytag")] + [(f, budget_side(f)) for f in args.budget_fractions]:
+                rt = r.get(side) or {}
+                tb = rt.get("time_budget") or {}
+                f1 = (rt.get("validation") or {}).get("f1")
+                diff = f1 - hf_f1 if f1 is not None and hf_f1 is not None else None
+                print(
+                    f"{tag:>6} {r['seed']:>5} {frac:>6g} {fmt(tb.get('budget_seconds'), '.1f'):>9} "
+                    f"{fmt(tb.get('seconds_used'), '.1f'):>8} {fmt(tb.get('planned_steps'), 'd'):>13} "
+                    f"{fmt(tb.get('planned_epochs'), '.2f'):>7} {fmt(f1, '.4f'):>9} {fmt(hf_f1, '.4f'):>7} "
+                    f"{fmt(diff, '+.4f'):>7}"
+                )
+    print("-" * len(header))
 
 
 def print_tables(args, results: list[dict]) -> None:
@@ -741,6 +797,14 @@ def main(argv: list[str] | None = None) -> int:
         "time on this machine: the F1 each reaches in the same time",
     )
     ap.add_argument(
+        "--budget-fractions",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="F",
+        help="with --budget-of-hf: also raytag in these shares of HF's time (e.g. 0.25), after the full one",
+    )
+    ap.add_argument(
         "--hf-bf16",
         action="store_true",
         help="also run the HF recipe with --bf16 (autocast), to compare the engines at equal precision",
@@ -772,6 +836,12 @@ def main(argv: list[str] | None = None) -> int:
         args.f1_tolerance = F1_TOLERANCE[args.defaults]
     if args.budget_of_hf and args.only != "both":
         ap.error("--budget-of-hf runs both sides: raytag's budget is the HF run's time")
+    if args.budget_fractions and not args.budget_of_hf:
+        ap.error("--budget-fractions needs --budget-of-hf: the fractions are of HF's training time")
+    if any(not 0 < f < 1 for f in args.budget_fractions):
+        ap.error(
+            f"--budget-fractions: each share is above 0 and below 1 (the full budget always runs), got {args.budget_fractions}"
+        )
 
     if not SHARED.is_dir():
         print(
@@ -821,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [run_size(args, size, stamp) for size in args.train_samples]
     print_tables(args, results)
+    if args.budget_of_hf:
+        print_budget_table(args, results)
     verdicts = [r["summary"]["acceptance"] for r in results]
     overall = "FAIL" if "FAIL" in verdicts else ("PASS" if "PASS" in verdicts else "n/a")
     faster = args.defaults and not args.budget_of_hf
@@ -860,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         "error" in (r.get(side) or {})
         for res in results
         for r in res["runs"]
-        for side in ("hf", "hf_bf16", "raytag")
+        for side in ("hf", "hf_bf16", "raytag", *map(budget_side, args.budget_fractions))
     ):
         return 2
     return 1 if overall == "FAIL" else 0
