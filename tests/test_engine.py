@@ -313,3 +313,24 @@ def test_row_sparse_records_grow_by_doubling_and_trimmed_records_resume_the_same
         o.catch_up()
     assert torch.equal(sparse.weight, twin.weight)
     assert other.state[twin.weight]["step_coef"].numel() >= 46
+
+
+def test_train_step_names_its_phases_for_the_profiler():
+    """bench/profile_step.py reads a step's phases from these record_function ranges."""
+    import numpy as np
+
+    from raytag.trainer.features import IGNORE, Window
+    from raytag.trainer.step import PHASES, train_step
+
+    tok = load_tokenizer("builtin:tiny-xlmr")
+    model = load_model("builtin:tiny-xlmr", LABELS, tok, seed=0)
+    engine = build_engine(model, EngineSpec(1e-3, 0.01, (0.9, 0.999), 1e-8, 10, 0, 0, "fp32", 1, 1.0, 1, {}))
+    ids = np.asarray([0, 100, 101, 2], np.int32)
+    labels = np.asarray([IGNORE, 1, 0, IGNORE], np.int32)
+    windows = [Window(0, ids, labels, np.arange(2, dtype=np.int32), np.asarray([1, 2], np.int32))]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = train_step(engine, lambda ids: [windows[i] for i in ids], [[0]], 2, 1, 1, torch.device("cpu"))
+    assert out[1:] == (4, 1, 16)
+    names = {e.key for e in prof.key_averages()}
+    for phase in ("data", "forward", "backward", "optimizer"):
+        assert PHASES[phase] in names, phase

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from . import dist
 from .batching import StepPlan
@@ -30,6 +31,16 @@ from .session import Notices, Session, evaluate_and_save, publish_metrics, save,
 from .stopping import STOP
 
 log = logging.getLogger("raytag")
+
+# A step's phases as named ranges (`torch.profiler.record_function`) for bench/profile_step.py and
+# any torch.profiler trace of a run; with no profiler running a range costs ~10 us (5 a step).
+PHASES = {
+    "data": "raytag.data",  # the micro-batch's windows read and collated into tensors
+    "forward": "raytag.forward",  # forward and the summed token loss
+    "backward": "raytag.backward",
+    "optimizer": "raytag.optimizer",  # engine.step(): clipping, AdamW, the schedule, zeroed gradients
+    "collectives": "raytag.collectives",  # the step's one all-reduce of its figures
+}
 
 
 def train_epochs(
@@ -68,9 +79,10 @@ def train_epochs(
             )
             timed = budget.vote() if budget is not None else 0.0  # rank 0: the first steps are timed
             # one all-reduce per step: the figures, any rank's stop request, rank 0's timers and vote
-            loss, tokens, windows, squares, stops, due, poll, timed = dist.all_sum(
-                [*(float(x) for x in mine), float(STOP.requested), *clock.votes(), timed]
-            )
+            with record_function(PHASES["collectives"]):
+                loss, tokens, windows, squares, stops, due, poll, timed = dist.all_sum(
+                    [*(float(x) for x in mine), float(STOP.requested), *clock.votes(), timed]
+                )
             why_save = f"{tc.save_every_minutes:g} minutes since the last checkpoint" if due else None
             if poll:  # every rank together: the launcher's notices (Ray: a barrier of its own)
                 drain = notices() if notices is not None else None
@@ -164,24 +176,28 @@ def train_step(
     """
     loss_sum, tokens, windows, squares = 0.0, 0, 0, 0
     for micro in micro_batches:
-        if micro:
-            ws = windows_of(micro)
-            batch = collate(ws, range(len(ws)), pad_id, device)
-            tokens += sum(len(w) for w in ws)
-            squares += sum(len(w) ** 2 for w in ws)
-            windows += len(micro)
-        else:  # this rank ran out of batches: a zero-weight dummy keeps collectives in step
-            batch = collate([_DUMMY], [0], pad_id, device)
-            batch["labels"].fill_(IGNORE)
-        labels = batch.pop("labels")
-        logits = engine(**batch).logits.float()
-        ce = torch.nn.functional.cross_entropy(
-            logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE, reduction="sum"
-        )
-        if not bool((labels != IGNORE).any()):
-            ce = logits.sum() * 0.0
-        engine.backward(ce * world / max(1, step_labelled), scale_wrt_gas=False)
-        engine.step()
+        with record_function(PHASES["data"]):
+            if micro:
+                ws = windows_of(micro)
+                batch = collate(ws, range(len(ws)), pad_id, device)
+                tokens += sum(len(w) for w in ws)
+                squares += sum(len(w) ** 2 for w in ws)
+                windows += len(micro)
+            else:  # this rank ran out of batches: a zero-weight dummy keeps collectives in step
+                batch = collate([_DUMMY], [0], pad_id, device)
+                batch["labels"].fill_(IGNORE)
+            labels = batch.pop("labels")
+        with record_function(PHASES["forward"]):
+            logits = engine(**batch).logits.float()
+            ce = torch.nn.functional.cross_entropy(
+                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE, reduction="sum"
+            )
+            if not bool((labels != IGNORE).any()):
+                ce = logits.sum() * 0.0
+        with record_function(PHASES["backward"]):
+            engine.backward(ce * world / max(1, step_labelled), scale_wrt_gas=False)
+        with record_function(PHASES["optimizer"]):
+            engine.step()
         loss_sum += float(ce.detach())
     return loss_sum, tokens, windows, squares
 
