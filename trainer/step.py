@@ -20,7 +20,7 @@ import torch
 
 from . import dist
 from .batching import StepPlan
-from .budget import SPENT
+from .budget import RETIMED, TIMED
 from .evaluate import collate
 from .faults import inject_fault
 from .features import IGNORE, Window
@@ -66,7 +66,8 @@ def train_epochs(
             mine = train_step(
                 engine, reader.windows, plan.steps[i], plan.labelled[i], world, s.pad_id, s.device
             )
-            timed = budget.vote() if budget is not None else 0.0  # rank 0: the first steps are timed
+            # rank 0: the first steps are timed (and the later ones, to plan again)
+            timed = budget.vote(progress.global_step + 1) if budget is not None else 0.0
             # one all-reduce per step: the figures, any rank's stop request, rank 0's timers and vote
             loss, tokens, windows, squares, stops, due, poll, timed = dist.all_sum(
                 [*(float(x) for x in mine), float(STOP.requested), *clock.votes(), timed]
@@ -99,14 +100,14 @@ def train_epochs(
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
             evaluated = False
             if timed and budget is not None:  # plan the step count (after timing an evaluation)
-                if timed != SPENT and budget.needs_evaluation:
+                if timed == TIMED and budget.needs_evaluation:
                     _evaluate_and_save(s, progress, epoch_f)
                     evaluated = True
                 total_steps = budget.decide(group, progress, engine)
                 s.view.set_total(total_steps)
                 if gs == total_steps and not logged:  # the last step's learning rate (0) in the log
                     _log_train(s, window, progress, epoch_f)
-                unsaved_plan = True
+                unsaved_plan = unsaved_plan or timed != RETIMED  # a crash keeps the last plan saved
             stop = gs >= total_steps
             if unsaved_plan and not evaluated:  # a crash must not lose the plan: a checkpoint keeps it
                 why_save, unsaved_plan = why_save or "it keeps the time budget's plan", False
