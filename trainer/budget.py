@@ -1,4 +1,5 @@
-"""train.time_budget: time the run's first steps and one evaluation, then fix its step count so
+"""train.time_budget: time the run's first steps, estimate one evaluation (forwards over a sample of
+the evaluation sets, session.time_evaluation), then fix its step count so
 that training, its evaluations and its checkpoints end inside the budget, the learning-rate
 schedule (warm-up, then decay to zero) ending at that step. The plan is made again from the steps
 since, each time a quarter of the steps it had left have run: a run's first steps are slower than
@@ -148,6 +149,11 @@ class Budget:
         self.eval_s, self.save_s = at - began, now - at
         self._paused += now - began
 
+    def estimated(self, seconds: float, began: float) -> None:
+        """After an evaluation's cost was estimated (`seconds`; session.time_evaluation), begun at `began`."""
+        self.eval_s = seconds
+        self._paused += time.monotonic() - began
+
     def saved(self, began: float) -> None:
         """After a checkpoint without an evaluation, begun at `began`: its cost."""
         now = time.monotonic()
@@ -156,7 +162,7 @@ class Budget:
 
     @property
     def needs_evaluation(self) -> bool:
-        """No evaluation timed yet (the same on every rank: they evaluate at the same steps)."""
+        """No evaluation timed or estimated yet (the same on every rank: they evaluate at the same steps)."""
         return self.eval_s is None
 
     # ---- the plan
@@ -199,13 +205,13 @@ class Budget:
             )
         elif self.leader:
             log.info(
-                "time budget %s: %.3g s a step, %.3g s an evaluation with its checkpoint (timed over %d "
-                "steps, %.1f s used); planned %d steps (%.3g epochs, %d more evaluations), warm-up %d "
+                "time budget %s: %.3g s a step (timed over %d steps), %.3g s an evaluation (estimated "
+                "from a sample), %.1f s used; planned %d steps (%.3g epochs, %d more evaluations), warm-up %d "
                 "steps, the learning rate reaching 0 at step %d%s",
                 self.spec,
                 plan["seconds_per_step"],
-                plan["seconds_per_evaluation"],
                 plan["timed_steps"],
+                plan["seconds_per_evaluation"],
                 plan["seconds_used_to_plan"],
                 plan["planned_steps"],
                 plan["planned_epochs"],
@@ -228,9 +234,9 @@ class Budget:
             raise ConfigError(
                 f"train.time_budget {self.spec} is too small for this run: {used:.3g} s went by in its "
                 f"first {self._seen} step(s){self._evaluations()}, before its speed was known (to plan, it "
-                f"times {WARMUP_STEPS} + up to {TIMED_STEPS} steps and one evaluation)"
+                f"times {WARMUP_STEPS} + up to {TIMED_STEPS} steps and estimates one evaluation)"
             )
-        # less the checkpoint that keeps the first plan (the one after the timed evaluation holds none)
+        # less the checkpoint that keeps the first plan (its cost: known by the next plan)
         left = self.seconds * (1 - RESERVE) - used - (0.0 if again else self.save_s or 0.0)
         if self.save_every_minutes:  # a checkpoint every so many minutes: their share of the time
             left /= 1 + (self.save_s or 0.0) / (60 * self.save_every_minutes)
@@ -273,7 +279,7 @@ class Budget:
     def _evaluations(self) -> str:
         if self.eval_s is None:
             return ""
-        return f" and an evaluation with its checkpoint ({self.eval_s + (self.save_s or 0.0):.3g} s of it)"
+        return f" and an evaluation's estimate ({self.eval_s:.3g} s)"
 
     def finish(self, progress: TrainingProgress) -> None:
         """At the end of training: the seconds used and left, for results.json (and logged)."""
