@@ -46,7 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "batch0.5x": ["train.batch_tokens=171"],
     "eval0.25": ["train.eval_every=250"],
 }
-DEFAULT = ["base", "head10", "llrd0.9", "warmup0.05", "lr3e-4", "batch2x", "batch0.5x"]
+DEFAULT = ["base", "head10", "head30", "llrd0.9", "lr3e-4", "warmup0.05", "batch2x", "batch0.5x"]
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
