@@ -27,7 +27,7 @@ from . import dist
 from .budget import Budget
 from .config import Config, dump_yaml
 from .engine import EngineSpec
-from .evaluate import EvalResult, finish, predict_windows
+from .evaluate import EvalResult, eval_batches, finish, predict_windows
 from .faults import inject_fault
 from .flops import ModelFlops, Peak, device_peak, model_flops
 from .outputs import MetricsLog, write_json
@@ -146,8 +146,9 @@ def time_evaluation(s: Session) -> float:
     """The seconds an evaluation of every set will take (its checkpoint aside), for train.time_budget's
     first plan, from two passes over a sample of each set (every EVAL_SAMPLE-th window; all of a small
     set's): the first pays what a first evaluation pays once (kernels for new shapes, caches), the
-    second is warm and scales with the tokens (k: the sets' tokens over the sample's), so the estimate
-    is first + (k - 1) x second. A run's first evaluation, which the plan used to run instead, is of no
+    second is warm and scales with the tokens (k: the sets' padded tokens over the sample's, as
+    `predict_windows` batches them: a sample's batches mix more lengths), so the estimate is
+    first + (k - 1) x second. A run's first evaluation, which the plan used to run instead, is of no
     use (its F1 is 0), and on the full CoNLL-2003 validation set it took 23 s of a 251 s budget. Every
     rank, as `evaluate`."""
     import time
@@ -165,10 +166,26 @@ def time_evaluation(s: Session) -> float:
                 s.engine, sample, s.pad_id, s.device, s.cfg.train.eval_batch_tokens, dist.rank(), dist.world()
             )
             passes[i] += time.monotonic() - began
-        sampled += sum(len(w) for w in sample.windows)
-        tokens += sum(len(w) for w in enc.windows)
+        sampled += padded_tokens(sample.windows, s.cfg.train.eval_batch_tokens)
+        tokens += padded_tokens(enc.windows, s.cfg.train.eval_batch_tokens)
     s.engine.module.train()
-    return passes[0] + (tokens / max(1, sampled) - 1) * passes[1]
+    estimate = passes[0] + (tokens / max(1, sampled) - 1) * passes[1]
+    if dist.rank() == 0:
+        log.info(
+            "time budget: an evaluation estimated at %.3g s: passes of %.3g s (cold) and %.3g s (warm) over "
+            "%d of %d tokens",
+            estimate,
+            *passes,
+            sampled,
+            tokens,
+        )
+    return estimate
+
+
+def padded_tokens(windows: list, batch_tokens: int) -> int:
+    """The tokens, padding included, of `predict_windows`'s batches of `windows`."""
+    lengths = [len(w) for w in windows]
+    return sum(len(b) * max(lengths[i] for i in b) for b in eval_batches(lengths, batch_tokens))
 
 
 def evaluate_and_save(s: Session, progress: TrainingProgress, epoch_f: float) -> None:
