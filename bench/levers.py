@@ -3,7 +3,7 @@
 full CoNLL-2003 set, per variant of the recipe.
 
     python bench/levers.py                               # the default variants, 250.9 s, seed 1
-    python bench/levers.py --budget 1003.6 --variants base head10
+    python bench/levers.py --budget 1003.6 --variants base head10 head10+llrd0.9
     python bench/levers.py --variant "head30 train.head_lr_scale=30" --variants base
     python bench/levers.py --budget 30 --train-samples 600 --eval-samples 200 --variants base head10
 
@@ -46,7 +46,17 @@ VARIANTS: dict[str, list[str]] = {
     "batch0.5x": ["train.batch_tokens=171"],
     "eval0.25": ["train.eval_every=250"],
 }
-DEFAULT = ["base", "head10", "head30", "llrd0.9", "lr3e-4", "warmup0.05", "batch2x", "batch0.5x"]
+# each lever on its own and on top of the head's rate (a name A+B joins A's and B's overrides)
+DEFAULT = [
+    "base",
+    "head10",
+    "head30",
+    "head10+llrd0.9",
+    "head10+lr3e-4",
+    "head10+warmup0.05",
+    "head10+batch2x",
+    "head10+batch0.5x",
+]
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -83,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args(argv)
     names = args.variants if args.variants is not None else ([] if args.variant else DEFAULT)
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [part for n in names for part in n.split("+") if part not in VARIANTS]
     if unknown:
         ap.error(
-            f"unknown variant {unknown[0]!r}: one of {', '.join(VARIANTS)}, or --variant 'NAME key=value ...'"
+            f"unknown variant {unknown[0]!r}: one of {', '.join(VARIANTS)}, joined with + (head10+llrd0.9), "
+            "or --variant 'NAME key=value ...'"
         )
-    variants = [(n, VARIANTS[n]) for n in names] + args.variant
+    variants = [(n, [o for part in n.split("+") for o in VARIANTS[part]]) for n in names] + args.variant
     if not variants:
         ap.error("no variant to run")
     for f in ("train.txt", "validation.txt"):
