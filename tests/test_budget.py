@@ -187,7 +187,7 @@ def test_a_budgeted_run_ends_inside_its_budget_with_the_learning_rate_at_zero(tm
     # 600 sentences: the first steps are timed inside the first epoch, before its evaluation
     res = run(tmp_path, "budget", f"train.time_budget={budget:g}s", *SMALL, "data.max_train_samples=600")
     # One estimate: not below the evaluations' real cost (the plan must not overrun), and a small share
-    # of the budget (it includes a first evaluation's warm-up; the later ones run warm)
+    # of the budget (a first pass pays a warm-up that later evaluations do not)
     (estimated,) = costs["estimated"]
     assert costs["evaluated"] and estimated > 0.5 * statistics.median(costs["evaluated"]), costs
     assert estimated < 0.05 * budget, costs
