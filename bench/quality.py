@@ -482,6 +482,8 @@ def run_raytag(
             f"train.warmup_ratio={WARMUP_RATIO}",
             f"train.weight_decay={WEIGHT_DECAY}",
             f"train.batch_tokens={batch_tokens}",
+            "train.head_lr_scale=1",  # HF's recipe: one rate for every parameter
+            "train.layer_lr_decay=1",
         ]
     if budget_s is not None:
         cmd.append(f"train.time_budget={budget_s:.1f}")
@@ -502,6 +504,19 @@ def run_raytag(
         "epochs": raw.get("epochs"),
         "time_budget": raw.get("time_budget"),  # the plan and the seconds used and left (--budget-of-hf)
     }
+
+
+def earlier_hf(record: Path, size: int | None, seed: int) -> dict:
+    """The HF run of `size` and `seed` in an earlier record of this script (--hf-from)."""
+    data = json.loads(record.read_text())
+    for block in data.get("sizes", []):
+        if block.get("train_samples") == size:
+            for row in block.get("runs", []):
+                if row.get("seed") == seed and "error" not in (row.get("hf") or {"error": 1}):
+                    return {**row["hf"], "from_record": str(record)}
+    raise SystemExit(
+        f"quality.py: --hf-from {record}: no HF run of size {size_name(size)} and seed {seed} in it"
+    )
 
 
 def size_name(size: int | None) -> str:
@@ -569,7 +584,13 @@ def run_size(args, size: int | None, stamp: str) -> dict:
             if args.only not in (side.split("_")[0], "both") or (side == "hf_bf16" and not args.hf_bf16):
                 continue
             print(f"[{tag} seed {seed}] {side}: running ...", flush=True)
-            if side.startswith("hf"):
+            if side == "hf" and args.hf_from is not None:
+                res = earlier_hf(args.hf_from, size, seed)
+                print(
+                    f"[{tag} seed {seed}] hf: from {args.hf_from} (not run again): trained "
+                    f"{res['train_runtime_seconds']:.1f} s, dev F1 {res['validation']['f1']:.4f}"
+                )
+            elif side.startswith("hf"):
                 res = run_hf(args, size, seed, stamp, bf16=side == "hf_bf16")
             elif args.budget_of_hf:
                 budget_s = (row.get("hf") or {}).get("train_runtime_seconds")
@@ -834,6 +855,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads on both sides (default: all cores)"
     )
+    ap.add_argument(
+        "--hf-from",
+        type=Path,
+        default=None,
+        metavar="RECORD",
+        help="take the HF runs (fp32) from an earlier record bench/out/quality-<stamp>.json of the same "
+        "sizes and seeds instead of running them again (its time becomes --budget-of-hf's budget)",
+    )
     ap.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -891,12 +920,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"mode --defaults: 1 epoch, lr {args.lr:g} on both sides; HF: batch {args.hf_batch}, warmup ratio "
             f"{WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, linear decay; raytag: {RAYTAG_CONFIG} as it is "
-            f"(batch_tokens {'auto' if args.batch_tokens is None else args.batch_tokens}, its warm-up and decay)"
+            f"(batch_tokens {'auto' if args.batch_tokens is None else args.batch_tokens}, its warm-up and decay, "
+            "its head's rate and layer-wise decay)"
         )
     else:
         print(
-            f"mode matched: 1 epoch, lr {args.lr:g}, warmup ratio {WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, "
-            f"linear decay on both sides; HF batch {args.hf_batch} sentences, raytag batch_tokens to match"
+            f"mode matched: 1 epoch, lr {args.lr:g} for every parameter, warmup ratio {WARMUP_RATIO}, weight "
+            f"decay {WEIGHT_DECAY}, linear decay on both sides; HF batch {args.hf_batch} sentences, raytag "
+            "batch_tokens to match"
         )
     if args.budget_of_hf:
         print(

@@ -360,15 +360,18 @@ def test_head_and_layer_rates_reach_each_parameters_first_adam_step(sparse):
     assert {head, 1.0, decay ** (layers - 1), decay**layers} <= seen
 
 
-def test_layer_lr_decay_on_a_model_without_layers_is_a_clear_error():
-    from raytag.trainer.config import ConfigError
+def test_head_and_layer_rates_on_a_model_without_a_base_or_layers_fall_back_to_one_rate_and_say_so(caplog):
     from raytag.trainer.engine import parameter_groups
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    spec = EngineSpec(1e-3, 0.0, (0.9, 0.999), 1e-8, 10, 0, 0, "fp32", 1, 1.0, 1, {}, layer_lr_decay=0.9)
-    with pytest.raises(ConfigError, match="train.layer_lr_decay: Sequential has no config.num_hidden_layers"):
-        parameter_groups(model, spec)
-    import dataclasses
-
-    same = parameter_groups(model, dataclasses.replace(spec, layer_lr_decay=1.0))
-    assert len(same) == 2 and all(g["lr"] == 1e-3 for g in same)  # weights (decayed) and biases
+    spec = EngineSpec(
+        1e-3, 0.0, (0.9, 0.999), 1e-8, 10, 0, 0, "fp32", 1, 1.0, 1, {}, head_lr_scale=10, layer_lr_decay=0.9
+    )
+    with caplog.at_level("WARNING", logger="raytag"):
+        groups = parameter_groups(model, spec)
+    assert len(groups) == 2 and all(g["lr"] == 1e-3 for g in groups)  # weights (decayed) and biases
+    said = [r.getMessage() for r in caplog.records]
+    assert any("train.layer_lr_decay=0.9: Sequential has no config.num_hidden_layers" in m for m in said), (
+        said
+    )
+    assert any("train.head_lr_scale=10: Sequential has no pretrained base_model" in m for m in said), said

@@ -380,25 +380,32 @@ def parameter_groups(model: torch.nn.Module, spec: EngineSpec) -> list[dict[str,
     base = getattr(model, "base_model", model)
     prefix = getattr(model, "base_model_prefix", "") if base is not model else ""
     layers = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
-    if spec.layer_lr_decay != 1 and layers < 1:
-        raise ConfigError(
-            f"train.layer_lr_decay: {type(model).__name__} has no config.num_hidden_layers to decay over"
+    head_scale, decay = spec.head_lr_scale, spec.layer_lr_decay
+    if decay != 1 and layers < 1:
+        log.warning(
+            "train.layer_lr_decay=%g: %s has no config.num_hidden_layers to decay over: every layer at one rate",
+            decay,
+            type(model).__name__,
         )
-    if spec.head_lr_scale != 1 and base is model:
-        raise ConfigError(
-            f"train.head_lr_scale: {type(model).__name__} has no pretrained base_model to tell its head from"
+        decay = 1.0
+    if head_scale != 1 and not prefix:
+        log.warning(
+            "train.head_lr_scale=%g: %s has no pretrained base_model to tell its head from: one rate for all",
+            head_scale,
+            type(model).__name__,
         )
+        head_scale = 1.0
 
     def scale(name: str) -> float:
         if prefix and not name.startswith(prefix + "."):
-            return spec.head_lr_scale
-        if spec.layer_lr_decay == 1:
+            return head_scale
+        if decay == 1:
             return 1.0
         found = _LAYER.search(name)
         if found:
-            return spec.layer_lr_decay ** (layers - 1 - min(int(found.group(1)), layers - 1))
+            return decay ** (layers - 1 - min(int(found.group(1)), layers - 1))
         if ".embeddings." in f".{name}":
-            return spec.layer_lr_decay**layers
+            return decay**layers
         return 1.0
 
     buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
