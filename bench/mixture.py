@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import CONLL, ENCODER, OUT, RAYTAG_CONFIG, REPO, SHARED, ensure_encoder, run_logged, tail
+from quality import CONLL, ENCODER, OUT, REPO, SHARED, ensure_encoder, raytag_run, sample_caps, tail
 
 CONLL2002 = SHARED / "data" / "conll2002"
 LANGS = ("en", "es", "nl")
@@ -58,10 +58,6 @@ def run(args, kind: str, seed: int, stamp: str) -> dict:
             + "}"
         )
     cmd = [
-        sys.executable,
-        "trainer/main.py",
-        "--config",
-        RAYTAG_CONFIG,
         f"data.train={train}",
         f"data.validation={validation_file('en')}",
         f"data.eval_sets.es={validation_file('es')}",
@@ -71,34 +67,19 @@ def run(args, kind: str, seed: int, stamp: str) -> dict:
         f"train.epochs={args.epochs}",
         f"train.learning_rate={args.lr}",
         f"train.seed={seed}",
-        "run.storage=bench/out/runs",
-        f"run.name={name}",
     ]
-    if args.train_samples is not None:
-        cmd.append(f"data.max_train_samples={args.train_samples}")
-    if args.eval_samples is not None:
-        cmd.append(f"data.max_eval_samples={args.eval_samples}")
-    log = OUT / "logs" / f"{name}.log"
-    rc, wall = run_logged(cmd, log, args.threads)
-    results_file = REPO / "bench" / "out" / "runs" / name / "results.json"
-    if rc != 0 or not results_file.is_file():
-        return {"error": f"exit {rc}", "log": str(log.relative_to(REPO)), "wall_seconds": wall}
-    raw = json.loads(results_file.read_text())
-    f1 = {"en": raw["validation"]["f1"], "es": raw["es"]["f1"], "nl": raw["nl"]["f1"]}
-    auto = [
-        ln.split("batch_tokens=auto:", 1)[1]
-        for ln in log.read_text().splitlines()
-        if "batch_tokens=auto:" in ln
-    ]
+    run = raytag_run(name, cmd + sample_caps(args.train_samples, args.eval_samples), args.threads)
+    if "error" in run:
+        return run
+    raw = run.pop("raw")
+    auto = run.pop("auto_batch_tokens")
     return {
-        "f1": f1,
+        "f1": {"en": raw["validation"]["f1"], "es": raw["es"]["f1"], "nl": raw["nl"]["f1"]},
         "train_runtime_seconds": raw.get("train_runtime_seconds"),
         "train_steps": raw.get("global_steps"),
-        "batch_tokens": int(auto[0].split()[0]) if auto else None,  # what `auto` chose for this data
+        "batch_tokens": int(auto.split()[0]) if auto else None,  # what `auto` chose for this data
         "corpora": (raw.get("train_data") or {}).get("corpora"),
-        "results_json": str(results_file.relative_to(REPO)),
-        "log": str(log.relative_to(REPO)),
-        "wall_seconds": wall,
+        **run,
     }
 
 

@@ -384,6 +384,40 @@ def run_logged(cmd: list[str], log: Path, threads: int) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
+RUNS = "bench/out/runs"  # raytag's run.storage (gitignored)
+
+
+def raytag_run(name: str, overrides: list[str], threads: int) -> dict:
+    """`python trainer/main.py --config RAYTAG_CONFIG OVERRIDES run.storage=RUNS run.name=NAME`,
+    its output in bench/out/logs/NAME.log. Returns {"raw": results.json, "log", "wall_seconds",
+    "auto_batch_tokens": the token budget `train.batch_tokens=auto` chose (its log line), else None}
+    or, when the run failed, {"error", "log", "wall_seconds"}."""
+    cmd = [sys.executable, "trainer/main.py", "--config", RAYTAG_CONFIG, *overrides]
+    cmd += [f"run.storage={RUNS}", f"run.name={name}"]
+    log = OUT / "logs" / f"{name}.log"
+    rc, wall = run_logged(cmd, log, threads)
+    results_file = REPO / RUNS / name / "results.json"
+    where = {"log": str(log.relative_to(REPO)), "wall_seconds": wall}
+    if rc != 0 or not results_file.is_file():
+        return {"error": f"exit {rc}", **where}
+    auto = None
+    for line in log.read_text(errors="replace").splitlines():
+        if "train.batch_tokens=auto:" in line:  # the loop's one line on the auto budget
+            auto = line.split("train.batch_tokens=auto:", 1)[1].strip()
+    return {
+        "raw": json.loads(results_file.read_text()),
+        "results_json": str(results_file.relative_to(REPO)),
+        "auto_batch_tokens": auto,
+        **where,
+    }
+
+
+def sample_caps(train: int | None, evals: int | None) -> list[str]:
+    """raytag's overrides for the first N training and validation sentences (None: all)."""
+    caps = [f"data.max_train_samples={train}"] if train is not None else []
+    return caps + ([f"data.max_eval_samples={evals}"] if evals is not None else [])
+
+
 def tail(path: Path, n: int = 15) -> str:
     lines = path.read_text(errors="replace").splitlines()
     return "\n".join("    | " + line for line in lines[-n:])
@@ -431,20 +465,12 @@ def run_raytag(
     `budget_s`: train.time_budget in seconds (--budget-of-hf), instead of one epoch. `suffix` tells
     runs of one size and seed apart (a fraction of the budget)."""
     name = f"quality-{size_name(size)}-s{seed}{suffix}-{stamp}"
-    storage = "bench/out/runs"
     cmd = [
-        sys.executable,
-        "trainer/main.py",
-        "--config",
-        RAYTAG_CONFIG,
         f"data.train={CONLL / 'train.txt'}",
         f"data.validation={CONLL / 'validation.txt'}",
         "data.test=null",
     ]
-    if size is not None:
-        cmd.append(f"data.max_train_samples={size}")
-    if args.eval_samples is not None:
-        cmd.append(f"data.max_eval_samples={args.eval_samples}")
+    cmd += sample_caps(size, args.eval_samples)
     cmd += [
         f"model.name_or_path={ENCODER.relative_to(REPO)}",
         "train.epochs=1",
@@ -456,37 +482,41 @@ def run_raytag(
             f"train.warmup_ratio={WARMUP_RATIO}",
             f"train.weight_decay={WEIGHT_DECAY}",
             f"train.batch_tokens={batch_tokens}",
+            "train.head_lr_scale=1",  # HF's recipe: one rate for every parameter
+            "train.layer_lr_decay=1",
         ]
     if budget_s is not None:
         cmd.append(f"train.time_budget={budget_s:.1f}")
-    cmd += [*args.raytag_set, f"run.storage={storage}", f"run.name={name}"]
-    log = OUT / "logs" / f"{name}-raytag.log"
-    rc, wall = run_logged(cmd, log, args.threads)
-    results_file = REPO / storage / name / "results.json"
-    if rc != 0 or not results_file.is_file():
-        return {"error": f"exit {rc}", "log": str(log.relative_to(REPO)), "wall_seconds": wall}
-    raw = json.loads(results_file.read_text())
+    run = raytag_run(f"{name}-raytag", [*cmd, *args.raytag_set], args.threads)
+    if "error" in run:
+        return run
+    raw = run.pop("raw")
     val = raw.get("validation") or {}
-    budget = batch_tokens
-    auto_line = None
-    for line in log.read_text(errors="replace").splitlines():
-        if "train.batch_tokens=auto:" in line:  # the loop's one line on the auto budget
-            auto_line = line.split("train.batch_tokens=auto:", 1)[1].strip()
-            budget = int(auto_line.split()[0])
+    auto_line = run["auto_batch_tokens"]
     return {
         "validation": {k: val.get(k) for k in ("f1", "precision", "recall", "accuracy")},
         "train_runtime_seconds": raw.get("train_runtime_seconds"),
         "train_tokens_per_second": raw.get("train_tokens_per_second"),
         "train_sentences_per_step": raw.get("train_sentences_per_step"),
         "train_steps": raw.get("global_steps"),
-        "batch_tokens": budget,
-        "auto_batch_tokens": auto_line,
+        "batch_tokens": int(auto_line.split()[0]) if auto_line else batch_tokens,
+        **run,
         "epochs": raw.get("epochs"),
         "time_budget": raw.get("time_budget"),  # the plan and the seconds used and left (--budget-of-hf)
-        "results_json": str(results_file.relative_to(REPO)),
-        "log": str(log.relative_to(REPO)),
-        "wall_seconds": wall,
     }
+
+
+def earlier_hf(record: Path, size: int | None, seed: int) -> dict:
+    """The HF run of `size` and `seed` in an earlier record of this script (--hf-from)."""
+    data = json.loads(record.read_text())
+    for block in data.get("sizes", []):
+        if block.get("train_samples") == size:
+            for row in block.get("runs", []):
+                if row.get("seed") == seed and "error" not in (row.get("hf") or {"error": 1}):
+                    return {**row["hf"], "from_record": str(record)}
+    raise SystemExit(
+        f"quality.py: --hf-from {record}: no HF run of size {size_name(size)} and seed {seed} in it"
+    )
 
 
 def size_name(size: int | None) -> str:
@@ -554,7 +584,13 @@ def run_size(args, size: int | None, stamp: str) -> dict:
             if args.only not in (side.split("_")[0], "both") or (side == "hf_bf16" and not args.hf_bf16):
                 continue
             print(f"[{tag} seed {seed}] {side}: running ...", flush=True)
-            if side.startswith("hf"):
+            if side == "hf" and args.hf_from is not None:
+                res = earlier_hf(args.hf_from, size, seed)
+                print(
+                    f"[{tag} seed {seed}] hf: from {args.hf_from} (not run again): trained "
+                    f"{res['train_runtime_seconds']:.1f} s, dev F1 {res['validation']['f1']:.4f}"
+                )
+            elif side.startswith("hf"):
                 res = run_hf(args, size, seed, stamp, bf16=side == "hf_bf16")
             elif args.budget_of_hf:
                 budget_s = (row.get("hf") or {}).get("train_runtime_seconds")
@@ -819,6 +855,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads on both sides (default: all cores)"
     )
+    ap.add_argument(
+        "--hf-from",
+        type=Path,
+        default=None,
+        metavar="RECORD",
+        help="take the HF runs (fp32) from an earlier record bench/out/quality-<stamp>.json of the same "
+        "sizes and seeds instead of running them again (its time becomes --budget-of-hf's budget)",
+    )
     ap.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -876,12 +920,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"mode --defaults: 1 epoch, lr {args.lr:g} on both sides; HF: batch {args.hf_batch}, warmup ratio "
             f"{WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, linear decay; raytag: {RAYTAG_CONFIG} as it is "
-            f"(batch_tokens {'auto' if args.batch_tokens is None else args.batch_tokens}, its warm-up and decay)"
+            f"(batch_tokens {'auto' if args.batch_tokens is None else args.batch_tokens}, its warm-up and decay, "
+            "its head's rate and layer-wise decay)"
         )
     else:
         print(
-            f"mode matched: 1 epoch, lr {args.lr:g}, warmup ratio {WARMUP_RATIO}, weight decay {WEIGHT_DECAY}, "
-            f"linear decay on both sides; HF batch {args.hf_batch} sentences, raytag batch_tokens to match"
+            f"mode matched: 1 epoch, lr {args.lr:g} for every parameter, warmup ratio {WARMUP_RATIO}, weight "
+            f"decay {WEIGHT_DECAY}, linear decay on both sides; HF batch {args.hf_batch} sentences, raytag "
+            "batch_tokens to match"
         )
     if args.budget_of_hf:
         print(

@@ -53,6 +53,8 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
         ("scaling.use_gpu=maybe", "scaling.use_gpu: expected true or false"),
         ("run.name=a/b", "run.name: must be a plain name"),
         ("train.zero_stage=4", "train.zero_stage: must be 0, 1, 2 or 3"),
+        ("train.head_lr_scale=0", r"train.head_lr_scale: must be > 0, got 0"),
+        ("train.layer_lr_decay=1.5", r"train.layer_lr_decay: must be in \(0, 1\], got 1.5"),
         ("nokey", "expected dotted.key=value"),
     ],
 )
@@ -68,3 +70,8 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_head_and_layer_rates_refuse_a_deepspeed_optimizer():
+    with pytest.raises(ConfigError, match="train.head_lr_scale: sets raytag's AdamW parameter groups"):
+        load_config(None, ["train.head_lr_scale=10", "train.deepspeed={optimizer: {type: Adam}}"])

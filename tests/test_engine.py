@@ -334,3 +334,65 @@ def test_train_step_names_its_phases_for_the_profiler():
     names = {e.key for e in prof.key_averages()}
     for phase in ("data", "forward", "backward", "optimizer"):
         assert PHASES[phase] in names, phase
+
+
+# ---------------------------------------------------------------------------------------------
+# the rates of the head and of each layer (train.head_lr_scale, train.layer_lr_decay)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_head_and_layer_rates_reach_each_parameters_first_adam_step(sparse):
+    import dataclasses
+    import re
+
+    tok = load_tokenizer("builtin:tiny-xlmr")
+    model = load_model("builtin:tiny-xlmr", LABELS, tok, seed=0, dropout=0.0)
+    layers = model.config.num_hidden_layers
+    assert layers >= 2
+    lr, head, decay = 1e-3, 10.0, 0.5
+    spec = EngineSpec(lr, 0.0, (0.9, 0.999), 1e-8, 10, 0, 0, "fp32", 1, 1e9, 1, {})  # no warm-up, no clipping
+    spec = dataclasses.replace(spec, head_lr_scale=head, layer_lr_decay=decay, sparse_embeddings=sparse)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = build_engine(model, spec)
+    assert engine.get_lr()[0] == pytest.approx(lr)  # the first group: the peak rate the log shows
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(5, len(tok), (4, 12), generator=gen)
+    _train_step(engine, x, torch.randint(0, len(LABELS), (4, 12), generator=gen))
+
+    def expected(name: str) -> float:
+        if name.startswith("classifier."):
+            return lr * head
+        found = re.search(r"\.layer\.(\d+)\.", name)
+        if found:
+            return lr * decay ** (layers - 1 - int(found.group(1)))
+        return lr * decay**layers if ".embeddings." in name else lr
+
+    seen = set()
+    for name, p in model.named_parameters():
+        if name.endswith("key.bias"):  # softmax ignores it: no gradient, no step
+            continue
+        # Adam's first step moves each weight with a gradient by the rate, m / sqrt(v) = +-1 (eps aside)
+        moved = (p.detach() - before[name]).abs()
+        if "word_embeddings" in name:
+            moved = moved[torch.unique(x)]
+        top = float(moved.max())
+        assert top == pytest.approx(expected(name), rel=1e-3), name
+        seen.add(round(expected(name) / lr, 6))
+    assert {head, 1.0, decay ** (layers - 1), decay**layers} <= seen
+
+
+def test_head_and_layer_rates_on_a_model_without_a_base_or_layers_fall_back_to_one_rate_and_say_so(caplog):
+    from raytag.trainer.engine import parameter_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    spec = EngineSpec(
+        1e-3, 0.0, (0.9, 0.999), 1e-8, 10, 0, 0, "fp32", 1, 1.0, 1, {}, head_lr_scale=10, layer_lr_decay=0.9
+    )
+    with caplog.at_level("WARNING", logger="raytag"):
+        groups = parameter_groups(model, spec)
+    assert len(groups) == 2 and all(g["lr"] == 1e-3 for g in groups)  # weights (decayed) and biases
+    said = [r.getMessage() for r in caplog.records]
+    assert any("train.layer_lr_decay=0.9: Sequential has no config.num_hidden_layers" in m for m in said), (
+        said
+    )
+    assert any("train.head_lr_scale=10: Sequential has no pretrained base_model" in m for m in said), said

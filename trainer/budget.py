@@ -1,6 +1,10 @@
-"""train.time_budget: time the run's first steps and one evaluation, then fix its step count so
+"""train.time_budget: time the run's first steps, estimate one evaluation (forwards over a sample of
+the evaluation sets, session.time_evaluation), then fix its step count so
 that training, its evaluations and its checkpoints end inside the budget, the learning-rate
-schedule (warm-up, then decay to zero) ending at that step.
+schedule (warm-up, then decay to zero) ending at that step. The plan is made again from the steps
+since, each time a quarter of the steps it had left have run: a run's first steps are slower than
+its later ones (on the 2-core CPU, 0.32 s a step over the first 20 steps of the offline encoder, 0.26 s
+from step 50 on), and a machine's speed drifts.
 
     Budget      the clock, the timing of the first steps (rank 0), the plan (rank 0 decides, every
                 rank receives it), the record kept in every checkpoint and in results.json
@@ -35,10 +39,13 @@ WARMUP_STEPS = 2  # the first steps are slower (allocations, lazy initialisation
 TIMED_STEPS = 20  # steps timed at most ...
 TIMED_SHARE = 0.1  # ... or fewer, once the timed ones took this share of the budget (they train too)
 RESERVE = 0.02  # share of the budget kept free of the plan, for noise in the timings
+REPLAN_SHARE = 0.25  # plan again once this share of the steps the last plan had left have run
+# and were timed (3 at least), while the steps it has left would take over TIMED_SHARE of the budget
 EXACT_EPOCHS = 1000  # epochs ahead whose own step counts the plan computes; past them, their mean
 
 # Rank 0's vote after a step (summed into the step's all-reduce; the other ranks vote 0).
 TIMED, SPENT = 1.0, 2.0  # the first steps are timed: plan now; the budget ran out before a plan
+RETIMED = 3.0  # the steps since the last plan are timed: plan again
 
 
 class Budget:
@@ -84,10 +91,14 @@ class Budget:
         now = time.monotonic()
         self._origin = now - float(self.state.get("seconds_used", 0.0))
         self._mark, self._paused = now, 0.0  # the last step's end; evaluation time since then
-        self._seen, self._timed, self._timed_s = 0, 0, 0.0  # steps seen; timed, and their seconds
+        self._restart_timing()
         self.eval_s: float | None = None  # the last evaluation's cost, its checkpoint excluded
         self.save_s: float | None = None  # the last checkpoint's cost
         self._checkpoint_at = 0.0
+
+    def _restart_timing(self) -> None:
+        self._seen, self._timed, self._timed_s = 0, 0, 0.0  # steps seen; timed, and their seconds
+        self._from: int | None = None  # the step the timing started after
 
     def used(self) -> float:
         return time.monotonic() - self._origin
@@ -100,18 +111,25 @@ class Budget:
 
     # ---- timing: every rank calls these at the same points; rank 0's figures decide
 
-    def vote(self) -> float:
-        """After each step (before its all-reduce): rank 0's vote, TIMED once enough steps are timed,
-        SPENT when the budget ran out before a plan; 0 otherwise, on other ranks and once planned."""
+    def vote(self, step: int) -> float:
+        """After step `step` (before its all-reduce): rank 0's vote, TIMED once enough first steps are
+        timed, SPENT when the budget ran out before a plan, RETIMED once a quarter of the steps the
+        last plan had left are timed (REPLAN_SHARE); 0 otherwise, and always on the other ranks."""
         now = time.monotonic()
         seconds = now - self._mark - self._paused  # the step, its log line, the next epoch's set-up
         self._mark, self._paused = now, 0.0
-        if not self.leader or self.planned is not None:
+        if not self.leader:
             return 0.0
+        if self._from is None:
+            self._from = step - 1
         self._seen += 1
         if self._seen > WARMUP_STEPS:
             self._timed += 1
             self._timed_s += seconds
+        if self.planned is not None:
+            enough = max(3, REPLAN_SHARE * (self.planned - self._from))
+            ahead = (self.planned - step) * float(self.state["seconds_per_step"])  # as last planned
+            return RETIMED if self._timed >= enough and ahead > TIMED_SHARE * self.seconds else 0.0
         if self.used() > self.seconds:
             return SPENT
         if self._timed >= TIMED_STEPS or (self._timed and self._timed_s >= TIMED_SHARE * self.seconds):
@@ -131,6 +149,11 @@ class Budget:
         self.eval_s, self.save_s = at - began, now - at
         self._paused += now - began
 
+    def estimated(self, seconds: float, began: float) -> None:
+        """After an evaluation's cost was estimated (`seconds`; session.time_evaluation), begun at `began`."""
+        self.eval_s = seconds
+        self._paused += time.monotonic() - began
+
     def saved(self, began: float) -> None:
         """After a checkpoint without an evaluation, begun at `began`: its cost."""
         now = time.monotonic()
@@ -139,19 +162,21 @@ class Budget:
 
     @property
     def needs_evaluation(self) -> bool:
-        """No evaluation timed yet (the same on every rank: they evaluate at the same steps)."""
+        """No evaluation timed or estimated yet (the same on every rank: they evaluate at the same steps)."""
         return self.eval_s is None
 
     # ---- the plan
 
     def decide(self, group: Any, progress: TrainingProgress, engine: Any) -> int:
-        """Every rank, after rank 0's vote: rank 0 plans the step count from its timings, every rank
-        receives the plan and sets the learning-rate schedule to end there. Returns the step count.
+        """Every rank, after rank 0's vote: rank 0 plans the step count from its timings (again, after
+        RETIMED), every rank receives the plan and sets the learning-rate schedule to end there.
+        Returns the step count.
 
         Raises ConfigError (rank 0; PeerError on the others) when the budget is too small: it ran out
         before the first steps and an evaluation were timed."""
         error: BaseException | None = None
         plan: dict[str, Any] | None = None
+        was = self.planned
         if self.leader:
             try:
                 plan = self._plan(progress)
@@ -161,15 +186,32 @@ class Budget:
         plan = group.broadcast(plan)  # rank 0's, on every rank
         self.state.update(plan)
         plan_schedule(engine, plan["warmup_steps"], plan["planned_steps"])
-        if self.leader:
+        self._restart_timing()
+        if self.leader and was is not None:
             log.info(
-                "time budget %s: %.3g s a step, %.3g s an evaluation with its checkpoint (timed over %d "
-                "steps, %.1f s used); planned %d steps (%.3g epochs, %d more evaluations), warm-up %d "
+                "time budget %s: re-planned at step %d: %.3g s a step (timed over the %d steps since "
+                "the last plan), %.1f s used; %d steps (%d before, %.3g epochs, %d more evaluations), the "
+                "learning rate reaching 0 at step %d",
+                self.spec,
+                progress.global_step,
+                plan["seconds_per_step"],
+                plan["timed_steps"],
+                plan["seconds_used_to_plan"],
+                plan["planned_steps"],
+                was,
+                plan["planned_epochs"],
+                plan["planned_evaluations"],
+                plan["planned_steps"],
+            )
+        elif self.leader:
+            log.info(
+                "time budget %s: %.3g s a step (timed over %d steps), %.3g s an evaluation (estimated "
+                "from a sample), %.1f s used; planned %d steps (%.3g epochs, %d more evaluations), warm-up %d "
                 "steps, the learning rate reaching 0 at step %d%s",
                 self.spec,
                 plan["seconds_per_step"],
-                plan["seconds_per_evaluation"],
                 plan["timed_steps"],
+                plan["seconds_per_evaluation"],
                 plan["seconds_used_to_plan"],
                 plan["planned_steps"],
                 plan["planned_epochs"],
@@ -181,18 +223,21 @@ class Budget:
         return self.total_steps
 
     def _plan(self, progress: TrainingProgress) -> dict[str, Any]:
-        """Rank 0: the plan from its timings at `progress`'s step."""
-        used, done = self.used(), progress.global_step
+        """Rank 0: the plan from its timings at `progress`'s step (the first, or again)."""
+        used, done, again = self.used(), progress.global_step, self.planned is not None
         step_s = self._timed_s / max(1, self._timed)
+        if again and self.eval_s is None:  # resumed: the costs the plan it keeps measured
+            self.save_s = float(self.state["seconds_per_checkpoint"])
+            self.eval_s = float(self.state["seconds_per_evaluation"]) - self.save_s
         eval_s = (self.eval_s or 0.0) + (self.save_s or 0.0)
-        if self.eval_s is None or used > self.seconds:
+        if self.eval_s is None or (used > self.seconds and not again):
             raise ConfigError(
                 f"train.time_budget {self.spec} is too small for this run: {used:.3g} s went by in its "
                 f"first {self._seen} step(s){self._evaluations()}, before its speed was known (to plan, it "
-                f"times {WARMUP_STEPS} + up to {TIMED_STEPS} steps and one evaluation)"
+                f"times {WARMUP_STEPS} + up to {TIMED_STEPS} steps and estimates one evaluation)"
             )
-        # less the checkpoint that keeps the plan (the one after the timed evaluation holds none)
-        left = self.seconds * (1 - RESERVE) - used - (self.save_s or 0.0)
+        # less the checkpoint that keeps the first plan (its cost: known by the next plan)
+        left = self.seconds * (1 - RESERVE) - used - (0.0 if again else self.save_s or 0.0)
         if self.save_every_minutes:  # a checkpoint every so many minutes: their share of the time
             left /= 1 + (self.save_s or 0.0) / (60 * self.save_every_minutes)
         ends = epoch_ends(done, progress.epoch, progress.step_in_epoch, self.steps_in)
@@ -228,12 +273,13 @@ class Budget:
             "timed_steps": self._timed,
             "planned_at_step": done,
             "seconds_used_to_plan": round(used, 3),
+            "replans": int(self.state.get("replans", -1)) + 1,  # plans made again after the first
         }
 
     def _evaluations(self) -> str:
         if self.eval_s is None:
             return ""
-        return f" and an evaluation with its checkpoint ({self.eval_s + (self.save_s or 0.0):.3g} s of it)"
+        return f" and an evaluation's estimate ({self.eval_s:.3g} s)"
 
     def finish(self, progress: TrainingProgress) -> None:
         """At the end of training: the seconds used and left, for results.json (and logged)."""

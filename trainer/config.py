@@ -122,6 +122,16 @@ class TrainConfig:
     """AdamW's decoupled weight decay, applied to weight matrices (not to biases and LayerNorm weights)."""
     warmup_ratio: float = 0.1
     """Share of the optimizer steps over which the learning rate warms up linearly from 0."""
+    head_lr_scale: float = 10.0
+    """The new classifier head's learning rate as a multiple of `train.learning_rate` (the head
+    starts from random weights; the pretrained encoder below it from a good solution). 1: Hugging
+    Face's recipe, one rate for all. Measured (bench/levers.py, full CoNLL-2003, the offline encoder
+    at 2e-4, a 251 s budget): dev F1 0.8927 at 1, 0.9164 at 10."""
+    layer_lr_decay: float = 0.9
+    """Layer-wise learning-rate decay (ELECTRA, BEiT): the encoder's top layer trains at
+    `train.learning_rate`, each layer below at this factor times the one above, the embeddings at the
+    lowest layer's rate times the factor. 1: every layer at the same rate. Measured as head_lr_scale:
+    0.9208 at 0.9 with the head at 10, against 0.9164 at 1."""
     adam_beta1: float = 0.9
     """AdamW's beta1: decay rate of the running mean of gradients (momentum)."""
     adam_beta2: float = 0.999
@@ -476,6 +486,16 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
             raise bad("learning_rate", f"must be > 0, got {obj.learning_rate}")
         if not 0 <= obj.warmup_ratio < 1:
             raise bad("warmup_ratio", f"must be in [0, 1), got {obj.warmup_ratio}")
+        if obj.head_lr_scale <= 0:
+            raise bad("head_lr_scale", f"must be > 0, got {obj.head_lr_scale}")
+        if not 0 < obj.layer_lr_decay <= 1:
+            raise bad("layer_lr_decay", f"must be in (0, 1], got {obj.layer_lr_decay}")
+        for k, neutral in (("head_lr_scale", 1.0), ("layer_lr_decay", 1.0)):
+            if getattr(obj, k) != neutral and "optimizer" in obj.deepspeed:
+                raise bad(
+                    k,
+                    "sets raytag's AdamW parameter groups, but train.deepspeed.optimizer replaces that optimizer",
+                )
         if isinstance(obj.batch_tokens, int) and obj.batch_tokens < 16:
             raise bad("batch_tokens", f"must be at least 16, got {obj.batch_tokens}")
         if obj.gradient_accumulation_steps < 1:

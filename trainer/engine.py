@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -47,6 +48,8 @@ class EngineSpec:
     extra: dict[str, Any]
     on_gpu: bool = False  # bf16 on a CPU is DeepSpeed's torch_autocast (fp32 weights), not its bf16 mode
     sparse_embeddings: bool = False  # row-sparse word-embedding gradients, RowSparseAdamW (ZeRO-0)
+    head_lr_scale: float = 1.0  # the classifier head's rate, times learning_rate
+    layer_lr_decay: float = 1.0  # each encoder layer's rate, times the one above's
 
     @property
     def cpu_autocast(self) -> bool:
@@ -143,6 +146,8 @@ def engine_spec(
         extra=tc.deepspeed,
         on_gpu=on_gpu,
         sparse_embeddings=sparse,
+        head_lr_scale=tc.head_lr_scale,
+        layer_lr_decay=tc.layer_lr_decay,
     )
 
 
@@ -327,16 +332,7 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec, device_rank: int | No
     ds_config = deepspeed_config(spec)
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
-        decay: list[torch.nn.Parameter] = []
-        no_decay: list[torch.nn.Parameter] = []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": spec.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = parameter_groups(model, spec)
         # fused: one kernel over all parameters (CPU and CUDA), the fastest torch AdamW.
         adamw = torch.optim.AdamW
         if spec.sparse_embeddings:
@@ -367,6 +363,66 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec, device_rank: int | No
     if engine.zero_optimization_stage() == 0:
         _clip_fp32_gradients(engine)
     return engine
+
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def parameter_groups(model: torch.nn.Module, spec: EngineSpec) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: weight decay on weight matrices only (not on biases and LayerNorm
+    weights), and each parameter's rate as a multiple of the peak (`lr`), from its place in the model.
+
+    The classifier head (the parameters outside the pretrained `base_model`) trains at
+    `head_lr_scale`; with `layer_lr_decay` d < 1, encoder layer i of n at d^(n-1-i) (the top layer
+    at 1) and the embeddings at d^n; anything else in the base model (a pooler) at 1. The first
+    group runs at the peak rate itself: its rate is the one the log and metrics show.
+    """
+    base = getattr(model, "base_model", model)
+    prefix = getattr(model, "base_model_prefix", "") if base is not model else ""
+    layers = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
+    head_scale, decay = spec.head_lr_scale, spec.layer_lr_decay
+    if decay != 1 and layers < 1:
+        log.warning(
+            "train.layer_lr_decay=%g: %s has no config.num_hidden_layers to decay over: every layer at one rate",
+            decay,
+            type(model).__name__,
+        )
+        decay = 1.0
+    if head_scale != 1 and not prefix:
+        log.warning(
+            "train.head_lr_scale=%g: %s has no pretrained base_model to tell its head from: one rate for all",
+            head_scale,
+            type(model).__name__,
+        )
+        head_scale = 1.0
+
+    def scale(name: str) -> float:
+        if prefix and not name.startswith(prefix + "."):
+            return head_scale
+        if decay == 1:
+            return 1.0
+        found = _LAYER.search(name)
+        if found:
+            return decay ** (layers - 1 - min(int(found.group(1)), layers - 1))
+        if ".embeddings." in f".{name}":
+            return decay**layers
+        return 1.0
+
+    buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decays = not (p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name)
+            buckets.setdefault((scale(name), decays), []).append(p)
+    # the peak rate's groups first (decayed before not), then by falling rate
+    order = sorted(buckets, key=lambda k: (k[0] != 1.0, -k[0], not k[1]))
+    return [
+        {
+            "params": buckets[k],
+            "weight_decay": spec.weight_decay if k[1] else 0.0,
+            "lr": spec.learning_rate * k[0],
+        }
+        for k in order
+    ]
 
 
 class LinearSchedule:

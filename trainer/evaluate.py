@@ -39,6 +39,11 @@ class EvalResult:
     pred_tags: list[list[str]]
 
 
+def eval_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Evaluation's batches: length-grouped, in a fixed order, at most `batch_tokens` with padding."""
+    return plan_batches(lengths, batch_tokens, 1024, seed=0, epoch=0, shuffle=False)
+
+
 @torch.no_grad()
 def predict_windows(
     model,
@@ -60,8 +65,7 @@ def predict_windows(
     label, as float32; training's evaluation passes none and computes no softmax.
     """
     windows = encoded.windows
-    lengths = [len(w) for w in windows]
-    batches = plan_batches(lengths, batch_tokens, 1024, seed=0, epoch=0, shuffle=False)
+    batches = eval_batches([len(w) for w in windows], batch_tokens)
     mine: list[list[int] | None] = list(batches[rank::world])
     mine += [None] * (-(-len(batches) // world) - len(mine))
     preds: dict[int, np.ndarray] = {}

@@ -278,6 +278,8 @@ def _card(
         f"eps {tc.adam_epsilon}, weight decay {tc.weight_decay})",
         "lr_scheduler": "linear with warm-up",
         "warmup_ratio": tc.warmup_ratio,
+        "classifier head's learning rate": f"{tc.head_lr_scale:g} x learning_rate",
+        "layer-wise learning-rate decay": tc.layer_lr_decay,
         "max_grad_norm": tc.max_grad_norm,
         "zero_stage": spec.zero_stage,  # as run (one worker runs ZeRO-0)
         "precision": spec.precision

@@ -21,13 +21,13 @@ from torch.profiler import record_function
 
 from . import dist
 from .batching import StepPlan
-from .budget import SPENT
+from .budget import RETIMED, TIMED
 from .evaluate import collate
 from .faults import inject_fault
 from .features import IGNORE, Window
 from .flops import mfu, rounded
 from .progress import TrainingProgress
-from .session import Notices, Session, evaluate_and_save, publish_metrics, save, stop_here
+from .session import Notices, Session, evaluate_and_save, publish_metrics, save, stop_here, time_evaluation
 from .stopping import STOP
 
 log = logging.getLogger("raytag")
@@ -66,7 +66,6 @@ def train_epochs(
     engine.module.train()
     epoch = progress.epoch
     stop = progress.global_step >= total_steps
-    unsaved_plan = False  # the time budget's plan is made, and no checkpoint holds it yet
     while not stop:
         plan = epoch_plan(epoch)
         reader.start_epoch(epoch)
@@ -77,7 +76,8 @@ def train_epochs(
             mine = train_step(
                 engine, reader.windows, plan.steps[i], plan.labelled[i], world, s.pad_id, s.device
             )
-            timed = budget.vote() if budget is not None else 0.0  # rank 0: the first steps are timed
+            # rank 0: the first steps are timed (and the later ones, to plan again)
+            timed = budget.vote(progress.global_step + 1) if budget is not None else 0.0
             # one all-reduce per step: the figures, any rank's stop request, rank 0's timers and vote
             with record_function(PHASES["collectives"]):
                 loss, tokens, windows, squares, stops, due, poll, timed = dist.all_sum(
@@ -109,23 +109,18 @@ def train_epochs(
             end_of_epoch = i + 1 == len(plan.steps)
             if end_of_epoch:
                 progress.epoch, progress.step_in_epoch = epoch + 1, 0
-            evaluated = False
-            if timed and budget is not None:  # plan the step count (after timing an evaluation)
-                if timed != SPENT and budget.needs_evaluation:
-                    _evaluate_and_save(s, progress, epoch_f)
-                    evaluated = True
+            if timed and budget is not None:  # plan the step count (after estimating an evaluation)
+                if timed == TIMED and budget.needs_evaluation:
+                    began = time.monotonic()
+                    budget.estimated(time_evaluation(s), began)
                 total_steps = budget.decide(group, progress, engine)
                 s.view.set_total(total_steps)
                 if gs == total_steps and not logged:  # the last step's learning rate (0) in the log
                     _log_train(s, window, progress, epoch_f)
-                unsaved_plan = True
+                if timed != RETIMED:  # a crash must not lose the first plan: a checkpoint keeps it
+                    why_save = why_save or "it keeps the time budget's plan"
             stop = gs >= total_steps
-            if unsaved_plan and not evaluated:  # a crash must not lose the plan: a checkpoint keeps it
-                why_save, unsaved_plan = why_save or "it keeps the time budget's plan", False
-            # (an evaluation that timed the budget stands for this step's evaluation or checkpoint)
-            if evaluated:
-                pass
-            elif end_of_epoch or stop or (tc.eval_every is not None and gs % tc.eval_every == 0):
+            if end_of_epoch or stop or (tc.eval_every is not None and gs % tc.eval_every == 0):
                 _evaluate_and_save(s, progress, epoch_f)
             elif (tc.save_every is not None and gs % tc.save_every == 0) or why_save or stops:
                 if why_save and not stops:
