@@ -51,6 +51,7 @@ VARIANTS = {
     "compile": "torch.compile of each transformer block (nn.Module.compile, dynamic shapes)",
     "threads1": "one torch thread instead of all",
     "dense": "train.embedding_updates=dense",
+    "dropout0": "model.dropout=0 (no dropout masks: hidden, attention and the head's)",
 }
 
 
@@ -309,6 +310,8 @@ def build_arm(name: str, cfg: Any, data: Any, plan: Any, threads: int) -> Arm:
     tc, mc = cfg.train, cfg.model
     if name in ("eager", "sdpa"):
         mc = dataclasses.replace(mc, attention=name)
+    if name == "dropout0":
+        mc = dataclasses.replace(mc, dropout=0.0)
     if name == "dense":
         tc = dataclasses.replace(tc, embedding_updates="dense")
         cfg = dataclasses.replace(cfg, train=tc)
@@ -350,7 +353,7 @@ def profile(
     from raytag.trainer.step import PHASES
 
     walls = []
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=trace is not None) as prof:
         for i in steps:
             walls.append(run_step(arm, i)[0])
     wall = sum(walls)
