@@ -46,6 +46,8 @@ VARIANTS: dict[str, list[str]] = {
     "batch2x": ["train.batch_tokens=684"],
     "batch0.5x": ["train.batch_tokens=171"],
     "eval0.25": ["train.eval_every=250"],
+    "dropout0": ["model.dropout=0"],  # no dropout masks (bench/profile_step.py: 12% of a CPU step)
+    "sdpa": ["model.attention=sdpa"],  # torch's fused attention instead of auto's eager on CPU bf16
 }
 # the defaults, one rate for all, and each lever moved off the defaults (A+B joins A's and B's overrides)
 DEFAULT = [
