@@ -52,6 +52,7 @@ VARIANTS = {
     "threads1": "one torch thread instead of all",
     "dense": "train.embedding_updates=dense",
     "dropout0": "model.dropout=0 (no dropout masks: hidden, attention and the head's)",
+    "dropout0.1": "model.dropout=0.1 (the model's own; the config sets 0)",
 }
 
 
@@ -310,8 +311,8 @@ def build_arm(name: str, cfg: Any, data: Any, plan: Any, threads: int) -> Arm:
     tc, mc = cfg.train, cfg.model
     if name in ("eager", "sdpa"):
         mc = dataclasses.replace(mc, attention=name)
-    if name == "dropout0":
-        mc = dataclasses.replace(mc, dropout=0.0)
+    if name in ("dropout0", "dropout0.1"):
+        mc = dataclasses.replace(mc, dropout=float(name.removeprefix("dropout")))
     if name == "dense":
         tc = dataclasses.replace(tc, embedding_updates="dense")
         cfg = dataclasses.replace(cfg, train=tc)
