@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import CONLL, ENCODER, OUT, REPO, ensure_encoder, raytag_run, sample_caps, tail  # noqa: E402
 
-# name -> overrides; `base` is the config's defaults (the head at 10x the rate, layer decay 0.9)
+# name -> overrides; `base` is the config's defaults (the head at 10x the rate, layer decay 0.9, dropout 0)
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "onerate": ["train.head_lr_scale=1", "train.layer_lr_decay=1"],  # Hugging Face's: one rate for all
@@ -47,12 +47,14 @@ VARIANTS: dict[str, list[str]] = {
     "batch0.5x": ["train.batch_tokens=171"],
     "eval0.25": ["train.eval_every=250"],
     "dropout0": ["model.dropout=0"],  # no dropout masks (bench/profile_step.py: 12% of a CPU step)
+    "dropout0.1": ["model.dropout=0.1"],  # the model's own (the config sets 0)
     "sdpa": ["model.attention=sdpa"],  # torch's fused attention instead of auto's eager on CPU bf16
 }
 # the defaults, one rate for all, and each lever moved off the defaults (A+B joins A's and B's overrides)
 DEFAULT = [
     "base",
     "onerate",
+    "dropout0.1",
     "llrd1",
     "head30",
     "llrd0.8",
