@@ -73,5 +73,11 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 
 
 def test_head_and_layer_rates_refuse_a_deepspeed_optimizer():
-    with pytest.raises(ConfigError, match="train.head_lr_scale: sets raytag's AdamW parameter groups"):
+    with pytest.raises(ConfigError, match="train.head_lr_scale: sets raytag's AdamW parameter groups.*set "):
         load_config(None, ["train.head_lr_scale=10", "train.deepspeed={optimizer: {type: Adam}}"])
+    with pytest.raises(ConfigError, match="train.layer_lr_decay: sets raytag's AdamW parameter groups"):
+        load_config(None, ["train.head_lr_scale=1", "train.deepspeed={optimizer: {type: Adam}}"])
+    own = load_config(
+        None, ["train.head_lr_scale=1", "train.layer_lr_decay=1", "train.deepspeed={optimizer: {type: Adam}}"]
+    )
+    assert own.train.deepspeed["optimizer"]["type"] == "Adam"

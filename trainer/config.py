@@ -490,11 +490,12 @@ def _validate(obj: Any, prefix: str, source: str) -> None:
             raise bad("head_lr_scale", f"must be > 0, got {obj.head_lr_scale}")
         if not 0 < obj.layer_lr_decay <= 1:
             raise bad("layer_lr_decay", f"must be in (0, 1], got {obj.layer_lr_decay}")
-        for k, neutral in (("head_lr_scale", 1.0), ("layer_lr_decay", 1.0)):
-            if getattr(obj, k) != neutral and "optimizer" in obj.deepspeed:
+        for k in ("head_lr_scale", "layer_lr_decay"):
+            if getattr(obj, k) != 1 and "optimizer" in obj.deepspeed:
                 raise bad(
                     k,
-                    "sets raytag's AdamW parameter groups, but train.deepspeed.optimizer replaces that optimizer",
+                    "sets raytag's AdamW parameter groups, but train.deepspeed.optimizer replaces that optimizer "
+                    "(set train.head_lr_scale=1 and train.layer_lr_decay=1 to use it)",
                 )
         if isinstance(obj.batch_tokens, int) and obj.batch_tokens < 16:
             raise bad("batch_tokens", f"must be at least 16, got {obj.batch_tokens}")
