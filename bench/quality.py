@@ -484,6 +484,7 @@ def run_raytag(
             f"train.batch_tokens={batch_tokens}",
             "train.head_lr_scale=1",  # HF's recipe: one rate for every parameter
             "train.layer_lr_decay=1",
+            "model.dropout=null",  # and the model's own dropout (the config sets 0)
         ]
     if budget_s is not None:
         cmd.append(f"train.time_budget={budget_s:.1f}")
@@ -925,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print(
-            f"mode matched: 1 epoch, lr {args.lr:g} for every parameter, warmup ratio {WARMUP_RATIO}, weight "
+            f"mode matched: 1 epoch, lr {args.lr:g} for every parameter, the model's dropout, warmup ratio {WARMUP_RATIO}, weight "
             f"decay {WEIGHT_DECAY}, linear decay on both sides; HF batch {args.hf_batch} sentences, raytag "
             "batch_tokens to match"
         )
